@@ -1,0 +1,36 @@
+// Package disk is imgloop's format subsystem: the Image interface that every
+// disk image format driver implements, the registry of drivers, and the typed
+// errors that callers branch on.
+//
+// It is the Go counterpart of the loop device's "file format subsystem"
+// (drivers register a name and an operations table; an instance is opened,
+// used, and closed). A driver lives in its own package (disk/raw,
+// disk/qcow2) and registers itself from an init function; programs import
+// the drivers they want for their side effect and then call Open.
+//
+// # Lifecycle
+//
+// Open returns an initialised Image or an error; a failed Open leaves no
+// open file behind. Close flushes, releases the host file(s), and every later
+// call returns ErrClosed.
+//
+// # Concurrency
+//
+// Every method of an Image is safe for concurrent use. ReadAt calls never
+// serialise behind one image-wide lock. The registry is guarded by a mutex.
+//
+// # Errors
+//
+// Malformed images yield a *FormatError (errors.Is(err, ErrFormat) holds),
+// images using a feature imgloop does not implement yield an
+// *UnsupportedError (errors.Is(err, ErrNotSupported) holds), and operations a
+// driver does not offer return ErrNotSupported. Writes to a read-only image
+// return ErrReadOnly, I/O after Close returns ErrClosed, requests outside the
+// virtual disk return ErrOutOfRange.
+//
+// # Security
+//
+// Image files are untrusted input: drivers validate every offset and size
+// they read against the file size and the format's limits before using it to
+// index or allocate.
+package disk

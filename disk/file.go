@@ -1,0 +1,39 @@
+package disk
+
+import (
+	"io"
+)
+
+// File is the host file under a driver: the image file itself, a backing
+// file, or an external data file. The hostfile package provides the OS
+// implementation and test doubles (a crashable in-memory file, a wrapper
+// that fails chosen operations).
+type File interface {
+	io.ReaderAt
+	io.WriterAt
+	// Size is the file's current length in bytes.
+	Size() (int64, error)
+	// Sync makes completed writes durable.
+	Sync() error
+	// Truncate sets the file's length.
+	Truncate(size int64) error
+	Close() error
+	// Name is the file's path (for messages and for resolving relative
+	// backing file names); "" for anonymous files.
+	Name() string
+}
+
+// HolePuncher is implemented by files that can deallocate a range, which
+// then reads as zeros (fallocate PUNCH_HOLE|KEEP_SIZE).
+type HolePuncher interface {
+	PunchHole(off, n int64) error
+}
+
+// DataSeeker is implemented by files that know where their holes are
+// (lseek SEEK_DATA / SEEK_HOLE). SeekData returns the first data offset at
+// or after off (io.EOF if none); SeekHole the first hole offset at or after
+// off (the file size if there is none).
+type DataSeeker interface {
+	SeekData(off int64) (int64, error)
+	SeekHole(off int64) (int64, error)
+}
