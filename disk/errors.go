@@ -38,7 +38,10 @@ type FormatError struct {
 }
 
 func (e *FormatError) Error() string {
-	s := e.Format + ": "
+	s := ""
+	if e.Format != "" {
+		s = e.Format + ": "
+	}
 	if e.Offset >= 0 {
 		s += fmt.Sprintf("at offset %#x: ", e.Offset)
 	}

@@ -32,8 +32,16 @@ type HolePuncher interface {
 // DataSeeker is implemented by files that know where their holes are
 // (lseek SEEK_DATA / SEEK_HOLE). SeekData returns the first data offset at
 // or after off (io.EOF if none); SeekHole the first hole offset at or after
-// off (the file size if there is none).
+// off (the file size if there is none; io.EOF if off is at or past the end).
 type DataSeeker interface {
 	SeekData(off int64) (int64, error)
 	SeekHole(off int64) (int64, error)
+}
+
+// ZeroRanger is implemented by files that can make a range read as zeros
+// while keeping it allocated (fallocate ZERO_RANGE|KEEP_SIZE). An error
+// matching errors.ErrUnsupported means the host cannot do it; callers then
+// write zero bytes instead.
+type ZeroRanger interface {
+	ZeroRange(off, n int64) error
 }

@@ -88,6 +88,15 @@ func (o *OSFile) PunchHole(off, n int64) error {
 	}, "fallocate", o.f.Name())
 }
 
+// ZeroRange makes [off, off+n) read as zeros while keeping it allocated
+// and the file size unchanged (fallocate ZERO_RANGE|KEEP_SIZE). File
+// systems without it fail with an error matching errors.ErrUnsupported.
+func (o *OSFile) ZeroRange(off, n int64) error {
+	return ignoreEINTR(func() error {
+		return unix.Fallocate(int(o.f.Fd()), unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+	}, "fallocate", o.f.Name())
+}
+
 // SeekData returns the first data offset at or after off, or io.EOF.
 func (o *OSFile) SeekData(off int64) (int64, error) {
 	pos, err := unix.Seek(int(o.f.Fd()), off, unix.SEEK_DATA)
@@ -101,9 +110,12 @@ func (o *OSFile) SeekData(off int64) (int64, error) {
 }
 
 // SeekHole returns the first hole offset at or after off (the file size if
-// there is none).
+// there is none), or io.EOF if off is at or past the end.
 func (o *OSFile) SeekHole(off int64) (int64, error) {
 	pos, err := unix.Seek(int(o.f.Fd()), off, unix.SEEK_HOLE)
+	if errors.Is(err, unix.ENXIO) {
+		return 0, io.EOF
+	}
 	if err != nil {
 		return 0, &os.PathError{Op: "seek_hole", Path: o.f.Name(), Err: err}
 	}

@@ -1,0 +1,101 @@
+package raw
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/imgloop/imgloop/disk"
+)
+
+// zeroChunk bounds each write of the zero-writing fallback.
+const zeroChunk = 256 << 10
+
+// zeroBuf is the source of the zero-writing fallback; it is never written.
+var zeroBuf [zeroChunk]byte
+
+// Discard deallocates [off, off+n) by punching a hole in the host file;
+// the range then reads as zeros. Errors: disk.ErrClosed, disk.ErrReadOnly,
+// disk.ErrOutOfRange, ErrProbedFormatChange, disk.ErrNotSupported when the
+// host file cannot punch holes, and the host file's errors.
+func (img *Image) Discard(off, n int64) error {
+	if err := img.checkWrite("discard", off, n); err != nil {
+		return err
+	}
+	if n == 0 {
+		return nil
+	}
+	hp, ok := img.f.(disk.HolePuncher)
+	if !ok {
+		return fmt.Errorf("raw: discard on %s: %w", img.f.Name(), disk.ErrNotSupported)
+	}
+	unlock, err := img.guardZeroes(off, n)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	if err := hp.PunchHole(off, n); err != nil {
+		if errors.Is(err, errors.ErrUnsupported) {
+			return fmt.Errorf("raw: discard on %s: %w: %w", img.f.Name(), disk.ErrNotSupported, err)
+		}
+		return img.hostErr("discard", off, err)
+	}
+	return nil
+}
+
+// WriteZeroes makes [off, off+n) read as zeros: by punching a hole unless
+// flags has disk.ZeroNoUnmap, else (or when punching is not possible) by
+// zeroing the range in place (fallocate ZERO_RANGE where the host file
+// offers it, writing zero bytes otherwise). Errors: as for WriteAt.
+func (img *Image) WriteZeroes(off, n int64, flags disk.ZeroFlags) error {
+	if err := img.checkWrite("write zeroes", off, n); err != nil {
+		return err
+	}
+	if n == 0 {
+		return nil
+	}
+	unlock, err := img.guardZeroes(off, n)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	if hp, ok := img.f.(disk.HolePuncher); ok && flags&disk.ZeroNoUnmap == 0 {
+		err := hp.PunchHole(off, n)
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, errors.ErrUnsupported) {
+			return img.hostErr("write zeroes", off, err)
+		}
+	}
+	if zr, ok := img.f.(disk.ZeroRanger); ok {
+		err := zr.ZeroRange(off, n)
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, errors.ErrUnsupported) {
+			return img.hostErr("write zeroes", off, err)
+		}
+	}
+	for n > 0 {
+		k := min(n, zeroChunk)
+		if _, err := img.f.WriteAt(zeroBuf[:k], off); err != nil {
+			return img.hostErr("write zeroes", off, err)
+		}
+		off, n = off+k, n-k
+	}
+	return nil
+}
+
+// guardZeroes runs the probing check for zeroing [off, off+n) and returns
+// the function that releases the guard (a no-op when none was taken).
+func (img *Image) guardZeroes(off, n int64) (func(), error) {
+	if !img.probed || off >= sectorSize {
+		return func() {}, nil
+	}
+	img.guard.Lock()
+	if err := img.checkProbe(off, nil, n); err != nil {
+		img.guard.Unlock()
+		return nil, err
+	}
+	return img.guard.Unlock, nil
+}
