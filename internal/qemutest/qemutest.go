@@ -47,7 +47,14 @@ func Run(t testing.TB, name string, args ...string) string {
 // Try runs a command and returns its standard output, or an error that
 // includes the command line and its standard error.
 func Try(name string, args ...string) (string, error) {
+	return TryIn("", name, args...)
+}
+
+// TryIn is Try with the command's working directory set to dir ("" for
+// the test's own).
+func TryIn(dir, name string, args ...string) (string, error) {
 	cmd := exec.Command(name, args...)
+	cmd.Dir = dir
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
@@ -79,17 +86,25 @@ func IO(t testing.TB, image, format string, cmds ...string) string {
 	return Run(t, "qemu-io", args...)
 }
 
-// Create runs `qemu-img create -f format [-o opts] [extra...] path size`.
-// opts may be "".
+// Create runs `qemu-img create -f format [-o opts] [extra...] path size`
+// in path's folder, so that relative names in opts (data_file=) land beside
+// the image, where imgloop resolves them. opts may be "".
 func Create(t testing.TB, path, format, opts, size string, extra ...string) {
 	t.Helper()
+	Require(t, "qemu-img")
 	args := []string{"create", "-q", "-f", format}
 	if opts != "" {
 		args = append(args, "-o", opts)
 	}
 	args = append(args, extra...)
-	args = append(args, path, size)
-	Img(t, args...)
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	args = append(args, abs, size)
+	if _, err := TryIn(filepath.Dir(abs), "qemu-img", args...); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // RawBytes returns the virtual disk of image as qemu-img reads it

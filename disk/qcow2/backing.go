@@ -1,0 +1,90 @@
+package qcow2
+
+import (
+	"fmt"
+	"path/filepath"
+	"slices"
+	"strings"
+
+	"github.com/imgloop/imgloop/disk"
+)
+
+// resolveName resolves a file name stored in an image (backing file, data
+// file) the way QEMU does: an absolute name as is, a relative one against
+// the folder of the image's own name, without cleaning the result
+// ("sub/top.qcow2" + "../base.qcow2" -> "sub/../base.qcow2").
+func resolveName(imageName, name string) string {
+	if filepath.IsAbs(name) {
+		return name
+	}
+	if i := strings.LastIndexByte(imageName, '/'); i >= 0 {
+		return imageName[:i+1] + name
+	}
+	return name
+}
+
+// isProtocolName reports whether a stored file name is a QEMU protocol or
+// JSON pseudo-filename ("nbd://...", "json:{...}"), which only QEMU's
+// block layer can open.
+func isProtocolName(name string) bool {
+	if strings.HasPrefix(name, "json:") {
+		return true
+	}
+	i := strings.Index(name, ":")
+	return i > 0 && !strings.Contains(name[:i], "/")
+}
+
+// openBacking opens the backing file named in the header, read-only, with
+// opts.Parents extended by this image's path so that disk.Open refuses
+// loops and over-deep chains.
+func (img *Image) openBacking(opts disk.OpenOptions) error {
+	name := img.hdr.BackingFile
+	if name == "" {
+		return nil
+	}
+	if isProtocolName(name) {
+		return &disk.UnsupportedError{Format: formatName, Feature: fmt.Sprintf("backing file %q (a QEMU protocol name)", name)}
+	}
+	img.backingFull = resolveName(img.f.Name(), name)
+	self := img.f.Name()
+	if abs, err := filepath.Abs(self); err == nil {
+		self = abs
+		if real, err := filepath.EvalSymlinks(abs); err == nil {
+			self = real
+		}
+	}
+	parents := append(slices.Clip(opts.Parents), self)
+	b, err := disk.Open(img.backingFull, disk.OpenOptions{
+		Format:    img.hdr.BackingFormat,
+		ReadOnly:  true,
+		CacheSize: opts.CacheSize,
+		Parents:   parents,
+	})
+	if err != nil {
+		return fmt.Errorf("qcow2: backing file %q: %w", name, err)
+	}
+	img.backing = b
+	img.backingSize = b.Size()
+	img.backingFormat = img.hdr.BackingFormat
+	if img.backingFormat == "" {
+		if d, ok := b.(disk.Describer); ok {
+			img.backingFormat = d.Info().Format
+		}
+	}
+	return nil
+}
+
+// readBacking fills p with the guest data at off that this image leaves
+// unallocated: the backing image's, zeros past its end or without one.
+func (img *Image) readBacking(p []byte, off int64) error {
+	if img.backing == nil || off >= img.backingSize {
+		clear(p)
+		return nil
+	}
+	n := min(int64(len(p)), img.backingSize-off)
+	if _, err := img.backing.ReadAt(p[:n], off); err != nil {
+		return fmt.Errorf("qcow2: backing file %q: %w", img.hdr.BackingFile, err)
+	}
+	clear(p[n:])
+	return nil
+}

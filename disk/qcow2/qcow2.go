@@ -1,0 +1,365 @@
+// Package qcow2 implements the QCOW2 image format (QEMU copy-on-write,
+// versions 2 and 3, as described by QEMU's docs/interop/qcow2.txt) as a
+// disk.Driver named "qcow2".
+//
+// This version reads: standard and extended (subcluster) L2 entries, zero
+// clusters, compressed clusters (zlib, that is raw deflate, and zstd),
+// backing files and chains of them, external data files (raw or not), and
+// internal snapshots opened read-only (disk.OpenOptions.Snapshot). Writes
+// return disk.ErrReadOnly. Encrypted images are refused.
+//
+// Guest offsets map to host offsets through the L1 table (read whole at
+// Open and validated there) and L2 tables, which are read in 4 KiB slices
+// (whole tables for smaller clusters) through an LRU cache bounded by
+// disk.OpenOptions.CacheSize. The default size covers the whole disk, up
+// to 32 MiB (QEMU's default l2-cache-size rule: 32 MiB maps 256 GiB with
+// 64 KiB clusters); the cache fills only as the disk is read.
+//
+// # Concurrency
+//
+// An Image is safe for concurrent use. Reads take no image-wide lock: the
+// L2 slice cache locks one shard only while it looks up or inserts a slice
+// (never during file I/O), so reads of different slices, and the
+// decompression of compressed clusters, run in parallel. Close must not
+// race with other calls on the same Image: calls that start after Close
+// return disk.ErrClosed.
+//
+// # Errors
+//
+// Open returns a *disk.FormatError (matching disk.ErrFormat) for a
+// malformed image, a *disk.UnsupportedError (disk.ErrNotSupported) for
+// features this package does not implement, and the host file's error
+// (wrapped with context) when a backing or data file cannot be opened.
+// ReadAt returns a *disk.FormatError with Corrupt set (matching
+// disk.ErrCorrupt) when a table entry it follows is invalid (reserved bits
+// set, misaligned, pointing past the end of the file) or a compressed
+// cluster does not inflate to a whole cluster (deflate streams may go on
+// past it, as QEMU allows; a zstd frame must hold exactly one cluster, as
+// QEMU requires); disk.ErrOutOfRange for a request outside the virtual
+// disk; disk.ErrClosed after Close. Errors of a backing image are wrapped
+// with the backing file's name.
+//
+// # Security
+//
+// Images are untrusted input. Every offset and size read from the image is
+// checked against the spec's limits and the file size before it is used
+// to read or allocate: L1 and L2 tables must lie inside the file, data
+// clusters must start inside it, compressed data is read only up to what
+// the descriptor spans and the file holds, and inflating stops after one
+// cluster. Backing and data file names come from the image: they are
+// resolved relative to the image's folder, opened read-only, and backing
+// chains that loop or exceed disk.MaxChainDepth are refused by disk.Open.
+package qcow2
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+
+	"github.com/imgloop/imgloop/disk"
+)
+
+// formatName is the driver's name.
+const formatName = "qcow2"
+
+// maxL1Bytes bounds an L1 table read from the image (QEMU's
+// QCOW_MAX_L1_SIZE, 32 MiB).
+const maxL1Bytes = 32 << 20
+
+// Driver is the qcow2 disk.Driver; it is registered under "qcow2".
+type Driver struct{}
+
+func init() { disk.MustRegister(Driver{}) }
+
+// Name returns "qcow2".
+func (Driver) Name() string { return formatName }
+
+// Probe returns 100 for a header with the qcow2 magic and version 2 or 3,
+// else 0.
+func (Driver) Probe(header []byte) int {
+	if len(header) < 8 || string(header[:4]) != "QFI\xfb" {
+		return 0
+	}
+	if v := binary.BigEndian.Uint32(header[4:8]); v == 2 || v == 3 {
+		return 100
+	}
+	return 0
+}
+
+// Open opens the qcow2 image in f (see the package Open).
+func (Driver) Open(f disk.File, opts disk.OpenOptions) (disk.Image, error) {
+	img, err := Open(f, opts)
+	if err != nil {
+		return nil, err
+	}
+	return img, nil
+}
+
+// Image is an open qcow2 image. It implements disk.Image, disk.Mapper,
+// disk.Describer and disk.Backinger.
+type Image struct {
+	f        disk.File
+	hdr      *Header
+	geo      geometry
+	size     int64 // virtual disk size
+	l1       []uint64
+	cache    *l2Cache
+	inflate  inflater
+	snaps    []SnapshotEntry
+	snapshot *SnapshotEntry // the snapshot opened, nil for the active view
+
+	data     disk.File // where guest clusters live: f, or the external data file
+	dataName string    // data file path, "" without one
+
+	backing       disk.Image
+	backingSize   int64
+	backingFull   string // resolved backing file path
+	backingFormat string // as stored, or as probed
+
+	clusterPool    sync.Pool // *[]byte of one cluster
+	compressedPool sync.Pool // *[]byte of the largest compressed span
+
+	closed atomic.Bool
+}
+
+var (
+	_ disk.Image      = (*Image)(nil)
+	_ disk.Mapper     = (*Image)(nil)
+	_ disk.Describer  = (*Image)(nil)
+	_ disk.Backinger  = (*Image)(nil)
+	_ disk.Discarder  = (*Image)(nil)
+	_ disk.ZeroWriter = (*Image)(nil)
+)
+
+// Open opens the qcow2 image held in f. On success the Image owns f (and
+// closes it on Close); on error the caller still owns f, and everything
+// Open opened besides (backing and data files) is closed.
+//
+// opts.Snapshot selects an internal snapshot by ID or name: the image then
+// shows that snapshot's disk, read-only. opts.CacheSize bounds the L2
+// slice cache (0: enough to cover the whole disk, at most 32 MiB).
+// opts.Parents is passed on, with this image's path appended, when the
+// backing file is opened.
+//
+// Errors: *disk.FormatError, *disk.UnsupportedError, and wrapped errors of
+// the host, backing and data files.
+func Open(f disk.File, opts disk.OpenOptions) (_ *Image, err error) {
+	fileSize, err := f.Size()
+	if err != nil {
+		return nil, fmt.Errorf("qcow2: %s: %w", f.Name(), err)
+	}
+	h, err := readHeader(f, fileSize)
+	if err != nil {
+		return nil, err
+	}
+	img := &Image{f: f, hdr: h, data: f, size: int64(h.Size)}
+	defer func() {
+		if err != nil {
+			img.closeOwned()
+		}
+	}()
+	img.geo = geometry{
+		clusterBits: uint(h.ClusterBits),
+		version:     h.Version,
+		extended:    h.ExtendedL2(),
+		dataFile:    h.HasDataFile(),
+		fileSize:    fileSize,
+		dataSize:    fileSize,
+	}
+	if img.inflate, err = inflaterFor(h.CompressionType); err != nil {
+		return nil, &disk.UnsupportedError{Format: formatName, Feature: err.Error()}
+	}
+	if img.snaps, err = readSnapshots(f, h, fileSize); err != nil {
+		return nil, err
+	}
+	if err = img.openDataFile(); err != nil {
+		return nil, err
+	}
+	l1Offset, l1Size := h.L1TableOffset, h.L1Size
+	if opts.Snapshot != "" {
+		if img.snapshot, err = findSnapshot(img.snaps, opts.Snapshot); err != nil {
+			return nil, err
+		}
+		l1Offset, l1Size = img.snapshot.L1TableOffset, img.snapshot.L1Size
+		if img.snapshot.DiskSize != 0 {
+			img.size = int64(img.snapshot.DiskSize)
+		}
+	}
+	if img.size < 0 {
+		return nil, img.formatError(24, fmt.Sprintf("virtual size %d is too large", uint64(img.size)))
+	}
+	if err = img.readL1(l1Offset, l1Size, opts.Snapshot == ""); err != nil {
+		return nil, err
+	}
+	img.initCache(opts.CacheSize)
+	cs := int(img.geo.clusterSize())
+	img.clusterPool.New = func() any { b := make([]byte, cs); return &b }
+	img.compressedPool.New = func() any { b := make([]byte, 2*cs); return &b }
+	if err = img.openBacking(opts); err != nil {
+		return nil, err
+	}
+	return img, nil
+}
+
+// readL1 reads and validates the L1 table of l1Size entries at l1Offset.
+// The active table must cover the virtual disk (QEMU refuses it
+// otherwise); a snapshot's may be shorter, the rest reading as
+// unallocated.
+func (img *Image) readL1(l1Offset uint64, l1Size uint32, active bool) error {
+	g := &img.geo
+	tableSpan := uint64(1) << (g.l2Bits() + g.clusterBits) // guest bytes one L2 table maps
+	need := (uint64(img.size) + tableSpan - 1) / tableSpan
+	if active && uint64(l1Size) < need {
+		return img.formatError(36, fmt.Sprintf("L1 table has %d entries, the disk needs %d", l1Size, need))
+	}
+	n := uint64(l1Size)
+	if n*8 > maxL1Bytes {
+		return img.formatError(int64(l1Offset), fmt.Sprintf("L1 table of %d entries exceeds the %d MiB limit", l1Size, maxL1Bytes>>20))
+	}
+	if n == 0 {
+		return nil
+	}
+	if l1Offset&uint64(g.clusterSize()-1) != 0 {
+		return img.formatError(int64(l1Offset), "L1 table offset is not cluster aligned")
+	}
+	if l1Offset > uint64(g.fileSize) || uint64(g.fileSize)-l1Offset < n*8 {
+		return img.formatError(int64(l1Offset), fmt.Sprintf("L1 table of %d entries lies past the end of the file (size %#x)", n, g.fileSize))
+	}
+	// Entries past what the disk needs are never used; only the used ones
+	// are kept and validated.
+	n = min(n, need)
+	buf := make([]byte, n*8)
+	if _, err := img.f.ReadAt(buf, int64(l1Offset)); err != nil {
+		return fmt.Errorf("qcow2: reading L1 table at %#x: %w", l1Offset, err)
+	}
+	img.l1 = make([]uint64, n)
+	for i := range img.l1 {
+		off, bad := g.decodeL1(binary.BigEndian.Uint64(buf[i*8:]))
+		if bad != "" {
+			return img.corrupt(int64(l1Offset)+int64(i)*8, fmt.Sprintf("L1 index %d: %s", i, bad))
+		}
+		img.l1[i] = off
+	}
+	return nil
+}
+
+// initCache sizes the L2 slice cache.
+func (img *Image) initCache(size int64) {
+	g := &img.geo
+	slice := int(min(g.clusterSize(), maxSliceSize))
+	if size <= 0 {
+		size = defaultCacheSize(img.size, g.clusterBits, g.entryBytes())
+	}
+	img.cache = newL2Cache(size, slice)
+}
+
+// formatError returns a *disk.FormatError at a file offset.
+func (img *Image) formatError(off int64, what string) error {
+	return &disk.FormatError{Format: formatName, Offset: off, What: what}
+}
+
+// corrupt returns a *disk.FormatError marking inconsistent metadata.
+func (img *Image) corrupt(off int64, what string) error {
+	return &disk.FormatError{Format: formatName, Offset: off, What: what, Corrupt: true}
+}
+
+// Size returns the virtual disk size in bytes.
+func (img *Image) Size() int64 { return img.size }
+
+// SectorSize returns 512.
+func (img *Image) SectorSize() int { return 512 }
+
+// WriteAt returns an error matching disk.ErrReadOnly: this version of the
+// driver only reads.
+func (img *Image) WriteAt(p []byte, off int64) (int, error) {
+	if img.closed.Load() {
+		return 0, disk.ErrClosed
+	}
+	return 0, fmt.Errorf("qcow2: write: %w", disk.ErrReadOnly)
+}
+
+// Discard returns an error matching disk.ErrReadOnly.
+func (img *Image) Discard(off, n int64) error {
+	if img.closed.Load() {
+		return disk.ErrClosed
+	}
+	return fmt.Errorf("qcow2: discard: %w", disk.ErrReadOnly)
+}
+
+// WriteZeroes returns an error matching disk.ErrReadOnly.
+func (img *Image) WriteZeroes(off, n int64, flags disk.ZeroFlags) error {
+	if img.closed.Load() {
+		return disk.ErrClosed
+	}
+	return fmt.Errorf("qcow2: write zeroes: %w", disk.ErrReadOnly)
+}
+
+// Flush does nothing (nothing is written) and returns nil, or
+// disk.ErrClosed after Close.
+func (img *Image) Flush() error {
+	if img.closed.Load() {
+		return disk.ErrClosed
+	}
+	return nil
+}
+
+// Close closes the backing image, the data file and the image file. Later
+// calls return disk.ErrClosed.
+func (img *Image) Close() error {
+	if !img.closed.CompareAndSwap(false, true) {
+		return disk.ErrClosed
+	}
+	return errors.Join(img.closeOwned(), img.f.Close())
+}
+
+// closeOwned closes what Open opened besides f: the backing image and the
+// data file.
+func (img *Image) closeOwned() error {
+	var errs []error
+	if img.backing != nil {
+		errs = append(errs, img.backing.Close())
+		img.backing = nil
+	}
+	if img.data != nil && img.data != img.f {
+		errs = append(errs, img.data.Close())
+		img.data = nil
+	}
+	return errors.Join(errs...)
+}
+
+// Header returns the decoded header. The caller must not modify it.
+func (img *Image) Header() *Header { return img.hdr }
+
+// Snapshots returns the image's internal snapshots. The caller must not
+// modify the slice.
+func (img *Image) Snapshots() []SnapshotEntry { return img.snaps }
+
+// Backing returns the backing image, or nil if there is none. It is owned
+// by img and closed by img.Close.
+func (img *Image) Backing() disk.Image {
+	if img.backing == nil {
+		return nil
+	}
+	return img.backing
+}
+
+// Info describes the image as `qemu-img info` does.
+func (img *Image) Info() disk.Info {
+	h := img.hdr
+	info := disk.Info{
+		Format:              formatName,
+		VirtualSize:         img.size,
+		ClusterSize:         img.geo.clusterSize(),
+		BackingFilename:     h.BackingFile,
+		FullBackingFilename: img.backingFull,
+		BackingFormat:       img.backingFormat,
+		DirtyFlag:           h.Dirty(),
+		FormatSpecific:      h.FormatSpecific(),
+	}
+	for _, s := range img.snaps {
+		info.Snapshots = append(info.Snapshots, s.Info())
+	}
+	return info
+}
