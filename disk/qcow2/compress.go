@@ -57,8 +57,10 @@ var deflatePool = sync.Pool{New: func() any {
 	return d
 }}
 
-// inflateDeflate decompresses a raw deflate stream (no zlib header).
-func inflateDeflate(dst, src []byte) error {
+// inflateDeflateGo decompresses a raw deflate stream (no zlib header) in
+// pure Go. It is the decoder of default builds, and the fallback of
+// libdeflate builds for streams that go on past one cluster.
+func inflateDeflateGo(dst, src []byte) error {
 	d := deflatePool.Get().(*deflateReader)
 	defer deflatePool.Put(d)
 	d.src.Reset(src)
