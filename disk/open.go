@@ -27,6 +27,11 @@ type OpenOptions struct {
 	// CacheSize bounds the driver's metadata cache in bytes (qcow2: the L2
 	// slice cache); 0 picks the driver's default.
 	CacheSize int64
+	// NoBacking leaves the backing file unopened: ranges the image does
+	// not define read as zeros and map as unallocated at depth 0. For
+	// describing an image whose backing file is missing (qemu's
+	// BDRV_O_NO_BACKING, as qemu-img info uses).
+	NoBacking bool
 	// Probed records that the format was detected rather than named. Open
 	// sets it; drivers read it (raw refuses first-sector writes that would
 	// change the probed format).

@@ -46,6 +46,10 @@ func (img *Image) openBacking(opts disk.OpenOptions) error {
 		return &disk.UnsupportedError{Format: formatName, Feature: fmt.Sprintf("backing file %q (a QEMU protocol name)", name)}
 	}
 	img.backingFull = resolveName(img.f.Name(), name)
+	if opts.NoBacking {
+		img.backingFormat = img.hdr.BackingFormat
+		return nil
+	}
 	self := img.f.Name()
 	if abs, err := filepath.Abs(self); err == nil {
 		self = abs

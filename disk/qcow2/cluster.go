@@ -104,6 +104,12 @@ func (img *Image) lookup(off, n int64) (run, error) {
 				switch kind {
 				case kindNormal, kindZeroAlloc:
 					host = int64(e.host) + in
+				case kindUnallocated:
+					// An unallocated subcluster of an allocated cluster
+					// keeps its host offset, which qemu-img map shows.
+					if e.kind == kindNormal {
+						host = int64(e.host) + in
+					}
 				case kindCompressed:
 					if r.length > 0 {
 						return r, nil

@@ -6,6 +6,3 @@ package qcow2
 // "libdeflate" tag (and cgo) use libdeflate instead, about 1.7 times as
 // fast as this decoder or zlib.
 func inflateDeflate(dst, src []byte) error { return inflateDeflateGo(dst, src) }
-
-// deflateDecoder names the deflate decoder of this build.
-const deflateDecoder = "go"

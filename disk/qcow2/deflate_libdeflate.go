@@ -14,9 +14,6 @@ import (
 	"unsafe"
 )
 
-// deflateDecoder names the deflate decoder of this build.
-const deflateDecoder = "libdeflate"
-
 // libdeflateDecompressor owns one libdeflate decompressor, which is not
 // safe for concurrent use: a sync.Pool hands each to one goroutine at a
 // time, and a cleanup frees it when the pool drops it.

@@ -62,6 +62,9 @@ func (img *Image) Map(off, n int64) (disk.Extent, error) {
 		switch {
 		case img.backing == nil:
 			e.Status = disk.StatusZero
+			if r.host >= 0 {
+				e.HostOffset, e.HostFile = r.host, img.hostFileName()
+			}
 		case off >= img.backingSize:
 			// Past the end of a shorter backing file: zeros, reported by
 			// this layer as QEMU does.

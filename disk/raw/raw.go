@@ -55,9 +55,13 @@ var (
 )
 
 // Open returns a raw image over f, whose virtual size is f's size now. On
-// success the image owns f; on error the caller still does. It fails only
-// if the file's size cannot be read.
+// success the image owns f; on error the caller still does. It fails if
+// the file's size cannot be read, and with an *disk.UnsupportedError if
+// opts names an internal snapshot (raw has none).
 func Open(f disk.File, opts disk.OpenOptions) (*Image, error) {
+	if opts.Snapshot != "" {
+		return nil, &disk.UnsupportedError{Format: Name, Feature: "internal snapshots"}
+	}
 	size, err := f.Size()
 	if err != nil {
 		return nil, fmt.Errorf("raw: size of %s: %w", f.Name(), err)

@@ -88,7 +88,8 @@ func IO(t testing.TB, image, format string, cmds ...string) string {
 
 // Create runs `qemu-img create -f format [-o opts] [extra...] path size`
 // in path's folder, so that relative names in opts (data_file=) land beside
-// the image, where imgloop resolves them. opts may be "".
+// the image, where imgloop resolves them. opts may be "", and so may size
+// when a backing file gives it.
 func Create(t testing.TB, path, format, opts, size string, extra ...string) {
 	t.Helper()
 	Require(t, "qemu-img")
@@ -101,7 +102,10 @@ func Create(t testing.TB, path, format, opts, size string, extra ...string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	args = append(args, abs, size)
+	args = append(args, abs)
+	if size != "" {
+		args = append(args, size)
+	}
 	if _, err := TryIn(filepath.Dir(abs), "qemu-img", args...); err != nil {
 		t.Fatal(err)
 	}
