@@ -11,7 +11,8 @@
 # prints. Images are kept in BENCH_DIR
 # (default: a new temporary folder) and reused when present.
 # Extra imgloop flags can be passed in IMGLOOP_FLAGS (e.g. "-j 8"), build
-# tags for imgloop in BUILD_TAGS (e.g. "libdeflate").
+# tags for imgloop in BUILD_TAGS (default "libdeflate" when its header is
+# installed, as in CI and the release build; BUILD_TAGS= for pure Go).
 set -euo pipefail
 
 RUNS=${RUNS:-3}
@@ -24,7 +25,11 @@ dir=${BENCH_DIR:-$(mktemp -d /tmp/imgloop-bench.XXXXXX)}
 mkdir -p "$dir"
 echo "bench dir: $dir" >&2
 
+if [[ -z ${BUILD_TAGS+set} && -f /usr/include/libdeflate.h ]]; then
+	BUILD_TAGS=libdeflate
+fi
 BUILD_TAGS=${BUILD_TAGS:-}
+echo "imgloop build tags: ${BUILD_TAGS:-none}" >&2
 (cd "$root" && go build ${BUILD_TAGS:+-tags "$BUILD_TAGS"} -o "$dir/imgloop" ./cmd/imgloop)
 imgloop=$dir/imgloop
 

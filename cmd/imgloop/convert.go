@@ -19,12 +19,13 @@ import (
 )
 
 func newConvertCmd() *cobra.Command {
-	var format, outFormat, cache string
+	var src imageFlags
+	var outFormat, cache string
 	var progress bool
 	var workers, chunk int
 	var sparse int64
 	cmd := &cobra.Command{
-		Use:   "convert [-f FMT] [-O raw] [-p] [-j N] [-S BYTES] [-t CACHE] SRC DST",
+		Use:   "convert [-f FMT] [--snapshot ID|NAME] [-O raw] [-p] [-j N] [-S BYTES] [-t CACHE] SRC DST",
 		Short: "Copy an image's disk into a sparse raw file (as qemu-img convert -O raw)",
 		Long: "convert writes the virtual disk of SRC to DST as a raw image. Ranges that\n" +
 			"read as zeros are left as holes, so DST is sparse. DST is synced to disk\n" +
@@ -56,10 +57,10 @@ func newConvertCmd() *cobra.Command {
 			if progress {
 				bar = cmd.ErrOrStderr()
 			}
-			return convertRaw(cmd.Context(), args[0], args[1], format, opts, cache == cacheWriteback, bar)
+			return convertRaw(cmd.Context(), args[0], args[1], src.options(), opts, cache == cacheWriteback, bar)
 		},
 	}
-	addFormatFlag(cmd, &format)
+	addImageFlags(cmd, &src)
 	cmd.Flags().StringVarP(&outFormat, "output-format", "O", "raw", "output format (raw)")
 	cmd.Flags().BoolVarP(&progress, "progress", "p", false, "show a progress bar on stderr")
 	cmd.Flags().IntVarP(&workers, "jobs", "j", 0, "parallel readers (default: 2 per CPU, at least 4)")
@@ -80,8 +81,8 @@ const (
 // convertRaw copies the disk of the image at src to a new sparse raw file
 // at dst, made durable (write-behind, then fsync) if sync is set;
 // progress, if not nil, receives a progress bar.
-func convertRaw(ctx context.Context, src, dst, format string, opts convert.Options, sync bool, progress io.Writer) error {
-	img, err := disk.Open(src, disk.OpenOptions{Format: format, ReadOnly: true})
+func convertRaw(ctx context.Context, src, dst string, open disk.OpenOptions, opts convert.Options, sync bool, progress io.Writer) error {
+	img, err := disk.Open(src, open)
 	if err != nil {
 		return err
 	}

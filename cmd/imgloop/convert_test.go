@@ -87,3 +87,34 @@ func TestConvertSparse(t *testing.T) {
 	qemuImg(t, dir, "convert", "-O", "raw", "plain.qcow2", ref)
 	compareFiles(t, out, ref)
 }
+
+// TestSnapshotFlag: convert and map read an internal snapshot with
+// --snapshot ID|NAME, as qemu-img does with -l snapshot.id=/snapshot.name=.
+func TestSnapshotFlag(t *testing.T) {
+	dir, _ := sharedImages(t)
+	for _, sel := range []struct{ flag, qemu string }{{"1", "snapshot.id=1"}, {"first", "snapshot.name=first"}} {
+		got := filepath.Join(t.TempDir(), "snap.raw")
+		mustRun(t, dir, "convert", "--snapshot", sel.flag, "-O", "raw", "snap.qcow2", got)
+		want := filepath.Join(t.TempDir(), "want.raw")
+		qemuImg(t, dir, "convert", "-l", sel.qemu, "-O", "raw", "snap.qcow2", want)
+		g, err := os.ReadFile(got)
+		if err != nil {
+			t.Fatal(err)
+		}
+		w, err := os.ReadFile(want)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d := qemutest.FirstDiff(g, w); d >= 0 {
+			t.Errorf("--snapshot %s: differs from qemu-img at offset %d", sel.flag, d)
+		}
+		if g[0] != 0xcc {
+			t.Errorf("--snapshot %s: first byte %#x, want the snapshot's 0xcc", sel.flag, g[0])
+		}
+		if out := mustRun(t, dir, "map", "--output=json", "--snapshot", sel.flag, "snap.qcow2"); !strings.Contains(out, `"data": true`) {
+			t.Errorf("map --snapshot %s: no data extent:\n%s", sel.flag, out)
+		}
+	}
+	args := []string{"convert", "--snapshot", "nope", "-O", "raw", "snap.qcow2", filepath.Join(t.TempDir(), "x.raw")}
+	checkFailure(t, imgloop(t, dir, args...), args)
+}

@@ -10,7 +10,8 @@ import (
 )
 
 func newInfoCmd() *cobra.Command {
-	var format, output, snapshot string
+	var src imageFlags
+	var output string
 	var header bool
 	cmd := &cobra.Command{
 		Use:   "info [-f FMT] [--output=human|json] [--header] [--snapshot ID|NAME] IMAGE",
@@ -21,7 +22,9 @@ func newInfoCmd() *cobra.Command {
 				return err
 			}
 			path := args[0]
-			img, err := disk.Open(path, disk.OpenOptions{Format: format, ReadOnly: true, Snapshot: snapshot, NoBacking: true})
+			opts := src.options()
+			opts.NoBacking = true // as qemu-img info: describe, don't read
+			img, err := disk.Open(path, opts)
 			if err != nil {
 				return err
 			}
@@ -33,7 +36,7 @@ func newInfoCmd() *cobra.Command {
 			if d, ok := img.(disk.Describer); ok {
 				r.Info = d.Info()
 			} else {
-				r.Info = disk.Info{Format: format, VirtualSize: img.Size()}
+				r.Info = disk.Info{Format: src.format, VirtualSize: img.Size()}
 			}
 			files := []string{path}
 			if df := dataFile(path, img); df != "" {
@@ -48,10 +51,9 @@ func newInfoCmd() *cobra.Command {
 			return report.WriteInfoHuman(cmd.OutOrStdout(), r)
 		},
 	}
-	addFormatFlag(cmd, &format)
+	addImageFlags(cmd, &src)
 	addOutputFlag(cmd, &output)
 	cmd.Flags().BoolVar(&header, "header", false, "print the QCOW2 header fields, one \"name: value\" per line")
-	cmd.Flags().StringVar(&snapshot, "snapshot", "", "describe internal snapshot `ID|NAME` (qcow2)")
 	return cmd
 }
 

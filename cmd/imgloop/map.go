@@ -13,10 +13,11 @@ import (
 )
 
 func newMapCmd() *cobra.Command {
-	var format, output string
+	var src imageFlags
+	var output string
 	var offset int64
 	cmd := &cobra.Command{
-		Use:   "map [-f FMT] [--output=human|json] [--offset N] IMAGE",
+		Use:   "map [-f FMT] [--snapshot ID|NAME] [--output=human|json] [--offset N] IMAGE",
 		Short: "Print the allocation map of an image (as qemu-img map)",
 		Long: "map prints the image's extents as qemu-img map does. With --offset N it\n" +
 			"prints where byte N of the virtual disk is stored instead: for qcow2 the\n" +
@@ -26,7 +27,7 @@ func newMapCmd() *cobra.Command {
 			if err := checkOutput(output); err != nil {
 				return err
 			}
-			img, err := disk.Open(args[0], disk.OpenOptions{Format: format, ReadOnly: true})
+			img, err := disk.Open(args[0], src.options())
 			if err != nil {
 				return err
 			}
@@ -52,7 +53,7 @@ func newMapCmd() *cobra.Command {
 			return p.Close()
 		},
 	}
-	addFormatFlag(cmd, &format)
+	addImageFlags(cmd, &src)
 	addOutputFlag(cmd, &output)
 	cmd.Flags().Int64Var(&offset, "offset", 0, "print where byte `N` of the virtual disk is stored")
 	return cmd
