@@ -73,6 +73,6 @@ func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 	root.SetErr(stderr)
 	root.CompletionOptions.DisableDefaultCmd = true
 	addProfileFlag(root)
-	root.AddCommand(newInfoCmd(), newMapCmd(), newConvertCmd())
+	root.AddCommand(newInfoCmd(), newMapCmd(), newConvertCmd(), newCreateCmd())
 	return root
 }
