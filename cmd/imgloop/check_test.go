@@ -1,0 +1,246 @@
+package main
+
+import (
+	"bytes"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/imgloop/imgloop/internal/qemutest"
+)
+
+// qemuImgCheck runs qemu-img check with args and returns its stdout,
+// stderr and exit status.
+func qemuImgCheck(t *testing.T, dir string, args ...string) result {
+	t.Helper()
+	cmd := exec.Command("qemu-img", append([]string{"check"}, args...)...)
+	cmd.Dir = dir
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	r := result{stdout: stdout.String(), stderr: stderr.String()}
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		r.code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatalf("qemu-img check: %v", err)
+	}
+	return r
+}
+
+// patchRefcount16 sets the 16-bit refcount of host cluster k (64 KiB
+// clusters, first refcount block) of the image at path.
+func patchRefcount16(t *testing.T, path string, k int, v uint16) {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rt := binary.BigEndian.Uint64(b[48:])
+	rb := binary.BigEndian.Uint64(b[rt:])
+	binary.BigEndian.PutUint16(b[rb+uint64(2*k):], v)
+	if err := os.WriteFile(path, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestCheckCommand(t *testing.T) {
+	qemutest.Require(t, "qemu-img", "qemu-io")
+	dir := t.TempDir()
+	mk := func(name string, cmds ...string) string {
+		p := filepath.Join(dir, name)
+		qemutest.Create(t, p, "qcow2", "", "4M")
+		if len(cmds) > 0 {
+			qemutest.IO(t, p, "qcow2", cmds...)
+		}
+		return name
+	}
+	clean := mk("clean.qcow2", "write -P 1 0 128k", "write -P 2 1M 64k")
+	empty := mk("empty.qcow2")
+	leaky := mk("leaky.qcow2", "write -P 1 0 128k")
+	patchRefcount16(t, filepath.Join(dir, leaky), 1, 2) // the refcount table: a leak only
+	corrupt := mk("corrupt.qcow2", "write -P 1 0 128k")
+	patchRefcount16(t, filepath.Join(dir, corrupt), 1, 2)
+	patchRefcount16(t, filepath.Join(dir, corrupt), 5, 0) // a data cluster
+	raw := "disk.raw"
+	if err := os.WriteFile(filepath.Join(dir, raw), make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	for _, img := range []string{clean, empty, leaky, corrupt, raw} {
+		for _, args := range [][]string{{img}, {"--output=json", img}} {
+			name := strings.Join(args, " ")
+			t.Run(name, func(t *testing.T) {
+				want := qemuImgCheck(t, dir, args...)
+				got := imgloop(t, dir, append([]string{"check"}, args...)...)
+				if got.code != want.code {
+					t.Errorf("exit %d, qemu-img %d (stderr %q)", got.code, want.code, got.stderr)
+				}
+				if args[0] == "--output=json" && want.stdout != "" {
+					var g, w map[string]any
+					if err := json.Unmarshal([]byte(got.stdout), &g); err != nil {
+						t.Fatalf("our JSON: %v\n%s", err, got.stdout)
+					}
+					if err := json.Unmarshal([]byte(want.stdout), &w); err != nil {
+						t.Fatal(err)
+					}
+					if len(g) != len(w) {
+						t.Errorf("keys: ours %v, qemu-img %v", g, w)
+					}
+					for k, v := range w {
+						if g[k] != v {
+							t.Errorf("%s = %v, qemu-img %v", k, g[k], v)
+						}
+					}
+				} else if got.stdout != want.stdout {
+					t.Errorf("stdout:\n%s\nqemu-img:\n%s", got.stdout, want.stdout)
+				}
+				// Each finding line qemu-img prints, we print too.
+				for _, line := range strings.Split(strings.TrimSpace(want.stderr), "\n") {
+					line = strings.TrimPrefix(line, "qemu-img: ")
+					if line != "" && !strings.Contains(got.stderr, line) {
+						t.Errorf("stderr lacks %q:\n%s", line, got.stderr)
+					}
+				}
+			})
+		}
+	}
+
+	t.Run("repair", func(t *testing.T) {
+		for _, args := range [][]string{{"-r", "leaks"}, {"-r", "leaks", "--output=json"}, {"-r", "all"}} {
+			for _, img := range []string{leaky, corrupt, clean} {
+				if args[1] == "all" && img == corrupt {
+					continue // QEMU rebuilds the refcounts, which imgloop refuses (below)
+				}
+				ours, theirs := "r-"+img, "q-"+img
+				b, err := os.ReadFile(filepath.Join(dir, img))
+				if err != nil {
+					t.Fatal(err)
+				}
+				for _, p := range []string{ours, theirs} {
+					if err := os.WriteFile(filepath.Join(dir, p), b, 0o644); err != nil {
+						t.Fatal(err)
+					}
+				}
+				want := qemuImgCheck(t, dir, append(args, theirs)...)
+				got := imgloop(t, dir, append(append([]string{"check"}, args...), ours)...)
+				if got.code != want.code {
+					t.Errorf("%v %s: exit %d, qemu-img %d (stderr %q)", args, img, got.code, want.code, got.stderr)
+				}
+				if got.stdout != strings.ReplaceAll(want.stdout, theirs, ours) && len(args) == 2 {
+					t.Errorf("%v %s: stdout\n%s\nqemu-img:\n%s", args, img, got.stdout, want.stdout)
+				}
+				a, _ := os.ReadFile(filepath.Join(dir, ours))
+				q, _ := os.ReadFile(filepath.Join(dir, theirs))
+				if !bytes.Equal(a, q) {
+					t.Errorf("%v %s: our repaired file differs from qemu-img's", args, img)
+				}
+			}
+		}
+		// -r all on an image whose refcount structures need rebuilding:
+		// refused, the file untouched.
+		b, err := os.ReadFile(filepath.Join(dir, corrupt))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, "r-all-"+corrupt), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		r := imgloop(t, dir, "check", "-r", "all", "r-all-"+corrupt)
+		if r.code != 1 || !strings.Contains(r.stderr, "rebuild") {
+			t.Errorf("check -r all on %s: exit %d, stderr %q; want 1 and a rebuild error", corrupt, r.code, r.stderr)
+		}
+		if a, _ := os.ReadFile(filepath.Join(dir, "r-all-"+corrupt)); !bytes.Equal(a, b) {
+			t.Errorf("a refused -r all changed the file")
+		}
+		for _, v := range []string{"bogus"} {
+			args := []string{"check", "-r", v, leaky}
+			r := imgloop(t, dir, args...)
+			checkFailure(t, r, args)
+			if r.code != 1 {
+				t.Errorf("-r %s: exit %d, want 1", v, r.code)
+			}
+		}
+	})
+	t.Run("errors", func(t *testing.T) {
+		bad := filepath.Join(dir, "badrt.qcow2")
+		b, err := os.ReadFile(filepath.Join(dir, clean))
+		if err != nil {
+			t.Fatal(err)
+		}
+		binary.BigEndian.PutUint64(b[48:], 1<<40) // refcount table past EOF
+		if err := os.WriteFile(bad, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		for _, args := range [][]string{
+			{"check", "missing.qcow2"},
+			{"check", "-f", "nosuch", clean},
+			{"check", "--output=xml", clean},
+			{"check", "badrt.qcow2"},
+			{"check", "-f", "qcow2", raw},
+		} {
+			r := imgloop(t, dir, args...)
+			checkFailure(t, r, args)
+			if r.code != 1 {
+				t.Errorf("%v: exit %d, want 1", args, r.code)
+			}
+		}
+		// -f raw: raw has no check.
+		r := imgloop(t, dir, "check", "-f", "raw", clean)
+		if r.code != 63 || !strings.Contains(r.stderr, "does not support checks") {
+			t.Errorf("check -f raw: exit %d, stderr %q; want 63", r.code, r.stderr)
+		}
+	})
+}
+
+// TestCheckLocking: while a QEMU process writes to an image, check refuses
+// it (as qemu-img check does) unless -U is given, and check -r always
+// refuses it.
+func TestCheckLocking(t *testing.T) {
+	qemutest.Require(t, "qemu-img", "qemu-io")
+	dir := t.TempDir()
+	p := filepath.Join(dir, "busy.qcow2")
+	qemutest.Create(t, p, "qcow2", "", "4M")
+	qemutest.IO(t, p, "qcow2", "write -P 1 0 64k")
+	// qemu-io holds the image open for writing until its stdin closes.
+	cmd := exec.Command("qemu-io", "-f", "qcow2", p)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	cmd.Stdout = &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		stdin.Close()
+		cmd.Wait()
+	}()
+	// Wait until qemu-io holds its locks: qemu-img check then fails.
+	for i := 0; ; i++ {
+		if r := qemuImgCheck(t, dir, "busy.qcow2"); r.code == 1 {
+			break
+		}
+		if i == 100 {
+			t.Fatal("qemu-io never locked the image")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	for _, args := range [][]string{{"check", "busy.qcow2"}, {"check", "-r", "leaks", "busy.qcow2"}, {"check", "-r", "all", "-U", "busy.qcow2"}} {
+		r := imgloop(t, dir, args...)
+		checkFailure(t, r, args)
+		if !strings.Contains(r.stderr, "lock") {
+			t.Errorf("%v: stderr %q, want a lock error", args, r.stderr)
+		}
+	}
+	if r := imgloop(t, dir, "check", "-U", "busy.qcow2"); r.code != 0 {
+		t.Errorf("check -U: exit %d, stderr %q", r.code, r.stderr)
+	}
+}
