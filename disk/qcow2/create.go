@@ -453,7 +453,7 @@ func (p *createParams) writeImage(f disk.File, l *createLayout, hdr []byte) erro
 			filled = 0
 		}
 		for ; filled < n; filled++ {
-			setRefcountOne(block, p.refcountOrder, filled)
+			putRefcountEntry(block, uint(p.refcountOrder), uint64(filled), 1)
 		}
 		if err := writeAll(f, block, off); err != nil {
 			return err
@@ -522,21 +522,6 @@ func (p *createParams) writeTables(f disk.File, l *createLayout) error {
 		}
 	}
 	return nil
-}
-
-// setRefcountOne sets entry i of a refcount block to 1. Entries narrower
-// than a byte are packed from the least significant bit, as QEMU packs
-// them; wider ones are big-endian.
-func setRefcountOne(block []byte, order uint32, i int64) {
-	switch {
-	case order < 3:
-		width := int64(1) << order
-		perByte := 8 / width
-		block[i/perByte] |= 1 << (uint(i%perByte) * uint(width))
-	default:
-		bytesPer := int64(1) << (order - 3)
-		block[(i+1)*bytesPer-1] = 1
-	}
 }
 
 // writeAll writes p at off.

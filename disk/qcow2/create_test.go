@@ -446,11 +446,12 @@ func TestCreateLayout(t *testing.T) {
 	}
 }
 
-// TestSetRefcountOne checks the packing of refcount entries.
-func TestSetRefcountOne(t *testing.T) {
+// TestPutRefcountEntry checks the packing of refcount entries, and that
+// refcountEntry reads back what putRefcountEntry stored.
+func TestPutRefcountEntry(t *testing.T) {
 	tests := []struct {
-		order uint32
-		i     int64
+		order uint
+		i     uint64
 		want  []byte
 	}{
 		{0, 0, []byte{0x01, 0, 0, 0, 0, 0, 0, 0}},
@@ -464,9 +465,12 @@ func TestSetRefcountOne(t *testing.T) {
 	}
 	for _, tc := range tests {
 		b := make([]byte, 8)
-		setRefcountOne(b, tc.order, tc.i)
+		putRefcountEntry(b, tc.order, tc.i, 1)
 		if !bytes.Equal(b, tc.want) {
 			t.Errorf("order %d entry %d: % x, want % x", tc.order, tc.i, b, tc.want)
+		}
+		if got := refcountEntry(b, tc.order, tc.i); got != 1 {
+			t.Errorf("order %d entry %d: reads back %d, want 1", tc.order, tc.i, got)
 		}
 	}
 }

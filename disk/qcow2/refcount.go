@@ -146,6 +146,27 @@ func refcountEntry(block []byte, order uint, i uint64) uint64 {
 	}
 }
 
+// putRefcountEntry stores v (which must fit) in entry i of a refcount
+// block of refcount_order order, packed as refcountEntry reads it, and
+// returns the bytes [pos, pos+n) of block it changed.
+func putRefcountEntry(block []byte, order uint, i, v uint64) (pos, n uint64) {
+	if order < 3 {
+		bits := uint64(1) << order
+		perByte := 8 / bits
+		pos = i / perByte
+		shift := (i % perByte) * bits
+		mask := byte((1<<bits - 1) << shift)
+		block[pos] = block[pos]&^mask | byte(v<<shift)&mask
+		return pos, 1
+	}
+	width := uint64(1) << (order - 3)
+	pos = i * width
+	var b [8]byte
+	binary.BigEndian.PutUint64(b[:], v)
+	copy(block[pos:pos+width], b[8-width:])
+	return pos, width
+}
+
 // Refcount returns the stored refcount of host cluster (index) cluster.
 // A cluster past the refcount table, or whose table entry is 0, has
 // refcount 0.
@@ -194,23 +215,7 @@ func (t *refcountTable) writeRefcount(w io.WriterAt, cluster, v uint64) error {
 	if err != nil {
 		return err
 	}
-	idx := cluster & (1<<bb - 1)
-	var pos, n uint64 // bytes of block to write
-	switch t.order {
-	case 0, 1, 2:
-		bits := uint64(1) << t.order
-		perByte := 8 / bits
-		pos, n = idx/perByte, 1
-		shift := (idx % perByte) * bits
-		mask := byte((1<<bits - 1) << shift)
-		block[pos] = block[pos]&^mask | byte(v<<shift)&mask
-	default:
-		width := uint64(1) << (t.order - 3)
-		pos, n = idx*width, width
-		var b [8]byte
-		binary.BigEndian.PutUint64(b[:], v)
-		copy(block[pos:pos+n], b[8-width:])
-	}
+	pos, n := putRefcountEntry(block, t.order, cluster&(1<<bb-1), v)
 	if _, err := w.WriteAt(block[pos:pos+n], int64(off+pos)); err != nil {
 		t.block = nil // the cached copy may no longer match the file
 		return fmt.Errorf("qcow2: writing refcount block at %#x: %w", off, err)

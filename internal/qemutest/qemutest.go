@@ -16,6 +16,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/imgloop/imgloop/internal/report"
 )
 
 // Require skips (or, under IMGLOOP_REQUIRE_TOOLS=1, fails) t unless every
@@ -126,16 +128,9 @@ func RawBytes(t testing.TB, image string, openArgs ...string) []byte {
 	return b
 }
 
-// MapEntry is one element of `qemu-img map --output=json`.
-type MapEntry struct {
-	Start   int64  `json:"start"`
-	Length  int64  `json:"length"`
-	Depth   int    `json:"depth"`
-	Present bool   `json:"present"`
-	Zero    bool   `json:"zero"`
-	Data    bool   `json:"data"`
-	Offset  *int64 `json:"offset,omitempty"`
-}
+// MapEntry is one element of `qemu-img map --output=json` (the type imgloop
+// map prints).
+type MapEntry = report.MapEntry
 
 // Map returns `qemu-img map --output=json` of image.
 func Map(t testing.TB, image string, openArgs ...string) []MapEntry {
