@@ -16,8 +16,8 @@ import (
 // an unknown name, a malformed value, or a combination the format refuses.
 var ErrInvalidOption = errors.New("invalid option")
 
-// SizeFromBacking, passed as the size to Create, asks the driver to take
-// the virtual size from the backing file (qemu-img create without SIZE).
+// SizeFromBacking is the size to pass to Create to take the virtual size
+// from the backing file (qemu-img create without SIZE).
 const SizeFromBacking = -1
 
 // MaxCreateSize is the largest virtual size Create accepts: the largest
