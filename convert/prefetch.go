@@ -2,6 +2,7 @@ package convert
 
 import (
 	"os"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -81,5 +82,36 @@ func (p *Prefetcher) Stop() {
 	default:
 		close(p.stop)
 		<-p.done
+	}
+}
+
+// startPrefetch starts prefetching opts.Prefetch for a copy of a disk of
+// size bytes, and returns the progress function the copy calls (it feeds
+// the prefetchers, then opts.Progress; never nil) and a function that
+// stops the prefetchers.
+func startPrefetch(opts Options, size int64) (progress func(int64), stop func()) {
+	progress = opts.Progress
+	var prefetchers []*Prefetcher
+	if len(opts.Prefetch) > 0 && size > 0 {
+		var done atomic.Int64
+		userProgress := progress
+		progress = func(n int64) {
+			done.Add(n)
+			if userProgress != nil {
+				userProgress(n)
+			}
+		}
+		fraction := func() float64 { return float64(done.Load()) / float64(size) }
+		for _, path := range opts.Prefetch {
+			prefetchers = append(prefetchers, Prefetch(path, 0, fraction))
+		}
+	}
+	if progress == nil {
+		progress = func(int64) {}
+	}
+	return progress, func() {
+		for _, p := range prefetchers {
+			p.Stop()
+		}
 	}
 }

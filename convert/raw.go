@@ -42,32 +42,15 @@ func Raw(ctx context.Context, src disk.Image, dst io.WriterAt, opts Options) (St
 	defer cancel(nil)
 
 	var (
-		stats    Stats
-		read     atomic.Int64
-		written  atomic.Int64
-		wg       sync.WaitGroup
-		jobs     = make(chan chunk, 2*opts.Workers)
-		progress = opts.Progress
+		stats   Stats
+		read    atomic.Int64
+		written atomic.Int64
+		wg      sync.WaitGroup
+		jobs    = make(chan chunk, 2*opts.Workers)
 	)
 	size := src.Size()
-	var done atomic.Int64
-	if len(opts.Prefetch) > 0 && size > 0 {
-		userProgress := progress
-		progress = func(n int64) {
-			done.Add(n)
-			if userProgress != nil {
-				userProgress(n)
-			}
-		}
-		fraction := func() float64 { return float64(done.Load()) / float64(size) }
-		for _, path := range opts.Prefetch {
-			p := Prefetch(path, 0, fraction)
-			defer p.Stop()
-		}
-	}
-	if progress == nil {
-		progress = func(int64) {}
-	}
+	progress, stopPrefetch := startPrefetch(opts, size)
+	defer stopPrefetch()
 	fail := func(err error) { cancel(err) }
 
 	for range opts.Workers {

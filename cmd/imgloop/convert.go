@@ -15,28 +15,51 @@ import (
 
 	"github.com/imgloop/imgloop/convert"
 	"github.com/imgloop/imgloop/disk"
+	"github.com/imgloop/imgloop/disk/hostfile"
+	"github.com/imgloop/imgloop/disk/qcow2"
 	"github.com/imgloop/imgloop/internal/report"
 )
 
 func newConvertCmd() *cobra.Command {
 	var src imageFlags
 	var outFormat, cache string
-	var progress bool
+	var progress, compress bool
+	var createOpts []string
 	var workers, chunk int
 	var sparse int64
 	cmd := &cobra.Command{
-		Use:   "convert [-f FMT] [--snapshot ID|NAME] [-O raw] [-p] [-j N] [-S BYTES] [-t CACHE] SRC DST",
-		Short: "Copy an image's disk into a sparse raw file (as qemu-img convert -O raw)",
-		Long: "convert writes the virtual disk of SRC to DST as a raw image. Ranges that\n" +
-			"read as zeros are left as holes, so DST is sparse. DST is synced to disk\n" +
-			"before convert returns, unless -t unsafe. Only -O raw is supported for now.",
+		Use:   "convert [-f FMT] [--snapshot ID|NAME] [-O raw|qcow2] [-c] [-o OPTIONS] [-p] [-j N] [-S BYTES] [-t CACHE] SRC DST",
+		Short: "Copy an image's disk into a sparse raw file or a new qcow2 image (as qemu-img convert)",
+		Long: "convert writes the virtual disk of SRC to DST as a raw image (-O raw, the\n" +
+			"default) or a qcow2 image (-O qcow2). Ranges that read as zeros are left\n" +
+			"as holes in a raw DST and unallocated in a qcow2 DST. DST is synced to disk\n" +
+			"before convert returns, unless -t unsafe.\n\n" +
+			"With -O qcow2, -c compresses the clusters (those that shrink) with the\n" +
+			"image's compression type, and -o takes qemu-img's creation options as\n" +
+			"name=value pairs separated by commas (cluster_size, compat, refcount_bits,\n" +
+			"lazy_refcounts, extended_l2, compression_type; backing files, data files\n" +
+			"and preallocation are not supported).",
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if outFormat != "raw" {
+			var qcowOpts map[string]string
+			switch outFormat {
+			case "raw":
+				if compress {
+					return fmt.Errorf("-c: compression is not supported with -O raw")
+				}
+				if len(createOpts) > 0 {
+					return fmt.Errorf("-o: no options are supported with -O raw")
+				}
+			case "qcow2":
+				var err error
+				if qcowOpts, err = parseCreateOptions(createOpts); err != nil {
+					return err
+				}
+			default:
 				if _, err := disk.Lookup(outFormat); err != nil {
 					return fmt.Errorf("-O: %w", err)
 				}
-				return fmt.Errorf("-O %s: output format not supported yet (only raw)", outFormat)
+				return fmt.Errorf("-O %s: output format not supported yet (raw or qcow2)", outFormat)
 			}
 			opts := convert.Options{Workers: workers, ChunkSize: chunk, SparseSize: int(sparse)}
 			if sparse == 0 {
@@ -57,11 +80,16 @@ func newConvertCmd() *cobra.Command {
 			if progress {
 				bar = cmd.ErrOrStderr()
 			}
+			if outFormat == "qcow2" {
+				return convertQcow2(cmd.Context(), args[0], args[1], src.options(), opts, qcowOpts, compress, cache == cacheWriteback, bar)
+			}
 			return convertRaw(cmd.Context(), args[0], args[1], src.options(), opts, cache == cacheWriteback, bar)
 		},
 	}
 	addImageFlags(cmd, &src)
-	cmd.Flags().StringVarP(&outFormat, "output-format", "O", "raw", "output format (raw)")
+	cmd.Flags().StringVarP(&outFormat, "output-format", "O", "raw", "output format (raw or qcow2)")
+	cmd.Flags().BoolVarP(&compress, "compress", "c", false, "compress the output's clusters (-O qcow2)")
+	cmd.Flags().StringArrayVarP(&createOpts, "options", "o", nil, "output image `OPTIONS` (-O qcow2), name=value pairs separated by commas")
 	cmd.Flags().BoolVarP(&progress, "progress", "p", false, "show a progress bar on stderr")
 	cmd.Flags().IntVarP(&workers, "jobs", "j", 0, "parallel readers (default: 2 per CPU, at least 4)")
 	cmd.Flags().Int64VarP(&sparse, "sparse-size", "S", convert.DefaultSparseSize, "leave all-zero runs of this many `bytes` as holes (0: off)")
@@ -106,18 +134,9 @@ func convertRaw(ctx context.Context, src, dst string, open disk.OpenOptions, opt
 		return err
 	}
 	if progress != nil {
-		bar := progressbar.NewOptions64(img.Size(),
-			progressbar.OptionSetWriter(progress),
-			progressbar.OptionShowBytes(true),
-			progressbar.OptionUseIECUnits(true),
-			progressbar.OptionSetDescription("converting"),
-			progressbar.OptionThrottle(100*time.Millisecond),
-		)
-		opts.Progress = func(n int64) { _ = bar.Add64(n) }
-		defer func() {
-			_ = bar.Exit()
-			fmt.Fprintln(progress) // end the bar's line
-		}()
+		var end func()
+		opts.Progress, end = progressBar(progress, img.Size())
+		defer end()
 	}
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -138,6 +157,81 @@ func convertRaw(ctx context.Context, src, dst string, open disk.OpenOptions, opt
 	}
 	return f.Close()
 }
+
+// progressBar starts a progress bar on w for a copy of size bytes; it
+// returns the Options.Progress function that advances it and a function
+// that ends it.
+func progressBar(w io.Writer, size int64) (func(int64), func()) {
+	bar := progressbar.NewOptions64(size,
+		progressbar.OptionSetWriter(w),
+		progressbar.OptionShowBytes(true),
+		progressbar.OptionUseIECUnits(true),
+		progressbar.OptionSetDescription("converting"),
+		progressbar.OptionThrottle(100*time.Millisecond),
+	)
+	return func(n int64) { _ = bar.Add64(n) }, func() {
+		_ = bar.Exit()
+		fmt.Fprintln(w) // end the bar's line
+	}
+}
+
+// convertQcow2 copies the disk of the image at src to a new qcow2 image
+// at dst, created with the qemu-img options qcowOpts, written in one pass
+// by a qcow2.StreamWriter; compress stores clusters compressed where
+// that pays. The image is synced at the end if sync is set; progress, if
+// not nil, receives a progress bar.
+func convertQcow2(ctx context.Context, src, dst string, open disk.OpenOptions, opts convert.Options, qcowOpts map[string]string, compress, sync bool, progress io.Writer) error {
+	img, err := disk.Open(src, open)
+	if err != nil {
+		return err
+	}
+	defer img.Close()
+	files := sourceFiles(src, img)
+	if err := checkDestination(dst, files); err != nil {
+		return err
+	}
+	opts.Prefetch = files[:1]
+	if df := dataFile(src, img); df != "" {
+		opts.Prefetch = append(opts.Prefetch, df)
+	}
+	f, err := hostfile.Create(dst)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	var file disk.File = f
+	if !sync {
+		file = noSyncFile{f}
+	}
+	w, err := qcow2.NewStreamWriter(file, img.Size(), qcowOpts)
+	if err != nil {
+		os.Remove(dst)
+		return err
+	}
+	if progress != nil {
+		var end func()
+		opts.Progress, end = progressBar(progress, img.Size())
+		defer end()
+	}
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if _, err := convert.Clusters(ctx, img, w, compress, opts); err != nil {
+		if errors.Is(err, context.Canceled) {
+			return fmt.Errorf("interrupted; %s is incomplete", dst)
+		}
+		return err
+	}
+	if err := w.Close(); err != nil {
+		return err
+	}
+	return f.Close()
+}
+
+// noSyncFile is a disk.File whose Sync does nothing (-t unsafe).
+type noSyncFile struct{ disk.File }
+
+// Sync does nothing.
+func (noSyncFile) Sync() error { return nil }
 
 // sourceFiles lists the host files img reads: the image at path, its data
 // file, and those of every image down its backing chain.

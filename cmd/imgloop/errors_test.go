@@ -28,7 +28,7 @@ func TestErrors(t *testing.T) {
 		{"map", "--offset", "abc", "plain.qcow2"},
 		{"map", "--offset", "99999999999999999999", "plain.qcow2"},
 		{"map", "--output=yaml", "plain.qcow2"},
-		{"convert", "-O", "qcow2", "plain.qcow2", "out.qcow2"},
+		{"convert", "-O", "qcow2", "-o", "cluster_size=3k", "plain.qcow2", "out.qcow2"},
 		{"convert", "-O", "vmdk", "plain.qcow2", "out.vmdk"},
 		{"convert", "plain.qcow2"},
 		{"convert", "nonexistent.qcow2", "out.raw"},
