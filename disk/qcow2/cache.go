@@ -208,3 +208,22 @@ func (s *cacheShard) evict() {
 		delete(s.items, old.key)
 	}
 }
+
+// set makes data (which the cache then owns) the slice at host offset
+// key, replacing any cached or loading one: a writer calls it after
+// writing the changed slice to the file. Callers still holding the old
+// slice keep using it unchanged.
+func (c *l2Cache) set(key uint64, data []byte) {
+	it := &cacheItem{key: key, data: data, ready: make(chan struct{})}
+	close(it.ready)
+	s := c.shard(key)
+	s.mu.Lock()
+	if old, ok := s.items[key]; ok {
+		s.unlink(old)
+		delete(s.items, key)
+	}
+	s.items[key] = it
+	s.pushFront(it)
+	s.evict()
+	s.mu.Unlock()
+}

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"sync/atomic"
 )
 
 // run is a stretch of the virtual disk served the same way: one kind of
@@ -59,7 +60,7 @@ func (img *Image) lookup(off, n int64) (run, error) {
 		l1i := ci >> l2Bits
 		var l2off uint64
 		if l1i < uint64(len(img.l1)) {
-			l2off = img.l1[l1i]
+			l2off = atomic.LoadUint64(&img.l1[l1i]) // a writer may set it
 		}
 		if l2off == 0 {
 			// The whole L2 table is unallocated.

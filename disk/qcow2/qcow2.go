@@ -5,8 +5,19 @@
 // This version reads: standard and extended (subcluster) L2 entries, zero
 // clusters, compressed clusters (zlib, that is raw deflate, and zstd),
 // backing files and chains of them, external data files (raw or not), and
-// internal snapshots opened read-only (disk.OpenOptions.Snapshot). Writes
-// return disk.ErrReadOnly. Encrypted images are refused.
+// internal snapshots opened read-only (disk.OpenOptions.Snapshot).
+// Encrypted images are refused.
+//
+// An image opened with ReadOnly false (and no snapshot) is writable when
+// it is a plain version 2 or 3 image (any cluster size and refcount
+// width, with or without a backing file, compressed and zero clusters
+// included): see write.go for the order of updates that keeps the image
+// consistent across a crash. Images with extended L2 entries, internal
+// snapshots, an external data file, autoclear features (bitmaps), or the
+// dirty or corrupt flag still open and read, but their writes fail with a
+// *disk.UnsupportedError naming the feature. Read-only images return
+// disk.ErrReadOnly. Discard is not implemented yet (disk.ErrNotSupported);
+// WriteZeroes writes zeros as data.
 //
 // Guest offsets map to host offsets through the L1 table (read whole at
 // Open and validated there) and L2 tables, which are read in 4 KiB slices
@@ -20,9 +31,13 @@
 // An Image is safe for concurrent use. Reads take no image-wide lock: the
 // L2 slice cache locks one shard only while it looks up or inserts a slice
 // (never during file I/O), so reads of different slices, and the
-// decompression of compressed clusters, run in parallel. Close must not
-// race with other calls on the same Image: calls that start after Close
-// return disk.ErrClosed.
+// decompression of compressed clusters, run in parallel. Writes to
+// clusters already allocated with refcount 1 take no lock either; writes
+// that allocate clusters take one allocation mutex, and publish new L1
+// entries atomically and changed L2 slices by replacing them in the
+// cache, so that a concurrent read sees the old or the new mapping.
+// Close must not race with other calls on the same Image: calls that
+// start after Close return disk.ErrClosed.
 //
 // # Errors
 //
@@ -37,7 +52,9 @@
 // past it, as QEMU allows; a zstd frame must hold exactly one cluster, as
 // QEMU requires); disk.ErrOutOfRange for a request outside the virtual
 // disk; disk.ErrClosed after Close. Errors of a backing image are wrapped
-// with the backing file's name.
+// with the backing file's name. WriteAt returns a *disk.FormatError with
+// Corrupt set when an L2 entry it would write through points into the
+// header, the L1 table or the refcount table, or past the end of the file.
 //
 // # Security
 //
@@ -46,7 +63,10 @@
 // to read or allocate: L1 and L2 tables must lie inside the file, data
 // clusters must start inside it, compressed data is read only up to what
 // the descriptor spans and the file holds, and inflating stops after one
-// cluster. Backing and data file names come from the image: they are
+// cluster. In an image opened read-write, data cluster offsets are
+// checked against the end of the file's allocated area instead of the
+// file size at Open (clusters past it read as zeros). Backing and data
+// file names come from the image: they are
 // resolved relative to the image's folder, opened read-only, and backing
 // chains that loop or exceed disk.MaxChainDepth are refused by disk.Open.
 package qcow2
@@ -120,6 +140,8 @@ type Image struct {
 
 	clusterPool    sync.Pool // *[]byte of one cluster
 	compressedPool sync.Pool // *[]byte of the largest compressed span
+
+	w *writer // nil unless opened read-write (see write.go)
 
 	closed atomic.Bool
 }
@@ -200,6 +222,9 @@ func Open(f disk.File, opts disk.OpenOptions) (_ *Image, err error) {
 	if err = img.openBacking(opts); err != nil {
 		return nil, err
 	}
+	if !opts.ReadOnly && opts.Snapshot == "" {
+		img.initWriter(fileSize)
+	}
 	return img, nil
 }
 
@@ -271,47 +296,13 @@ func (img *Image) Size() int64 { return img.size }
 // SectorSize returns 512.
 func (img *Image) SectorSize() int { return 512 }
 
-// WriteAt returns an error matching disk.ErrReadOnly: this version of the
-// driver only reads.
-func (img *Image) WriteAt(p []byte, off int64) (int, error) {
-	if img.closed.Load() {
-		return 0, disk.ErrClosed
-	}
-	return 0, fmt.Errorf("qcow2: write: %w", disk.ErrReadOnly)
-}
-
-// Discard returns an error matching disk.ErrReadOnly.
-func (img *Image) Discard(off, n int64) error {
-	if img.closed.Load() {
-		return disk.ErrClosed
-	}
-	return fmt.Errorf("qcow2: discard: %w", disk.ErrReadOnly)
-}
-
-// WriteZeroes returns an error matching disk.ErrReadOnly.
-func (img *Image) WriteZeroes(off, n int64, flags disk.ZeroFlags) error {
-	if img.closed.Load() {
-		return disk.ErrClosed
-	}
-	return fmt.Errorf("qcow2: write zeroes: %w", disk.ErrReadOnly)
-}
-
-// Flush does nothing (nothing is written) and returns nil, or
-// disk.ErrClosed after Close.
-func (img *Image) Flush() error {
-	if img.closed.Load() {
-		return disk.ErrClosed
-	}
-	return nil
-}
-
 // Close closes the backing image, the data file and the image file. Later
 // calls return disk.ErrClosed.
 func (img *Image) Close() error {
 	if !img.closed.CompareAndSwap(false, true) {
 		return disk.ErrClosed
 	}
-	return errors.Join(img.closeOwned(), img.f.Close())
+	return errors.Join(img.flushOnClose(), img.closeOwned(), img.f.Close())
 }
 
 // closeOwned closes what Open opened besides f: the backing image and the
