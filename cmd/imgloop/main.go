@@ -76,5 +76,6 @@ func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 	root.CompletionOptions.DisableDefaultCmd = true
 	addProfileFlag(root)
 	root.AddCommand(newInfoCmd(), newMapCmd(), newConvertCmd(), newCheckCmd(), newCreateCmd())
+	root.AddCommand(newResizeCmd())
 	return root
 }

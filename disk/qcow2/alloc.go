@@ -7,35 +7,58 @@ import (
 	"github.com/imgloop/imgloop/disk"
 )
 
-// Host cluster allocation for writes (docs/interop/qcow2.txt, "Host
-// cluster management"). Clusters are always taken from the end of the
-// file; freed clusters are not reused yet. Refcount updates are ordered so
-// that a crash leaves at worst leaked clusters, never a cluster in use
-// with a refcount too small:
-//
-//  1. new refcount blocks are written (zeroed), the refcounts of the new
-//     clusters set to 1, and the file synced;
-//  2. the refcount table entries of new blocks are written and synced;
-//
-// and only then does the caller write data and tables that use the
-// clusters.
+// Host cluster allocation (docs/interop/qcow2.txt, "Host cluster
+// management"). The allocator keeps the refcount blocks it has touched in
+// memory and writes them back when the writer flushes its metadata (see
+// meta.go for the order). Free clusters (refcount 0) are reused, lowest
+// first, before the file grows.
 
-// allocator hands out host clusters at the end of the image file and
-// keeps their refcounts. It is used under writer.mu only.
+// maxCleanRefblocks bounds how many unchanged refcount blocks stay loaded
+// after a metadata flush.
+const maxCleanRefblocks = 64
+
+// allocator hands out host clusters and keeps their refcounts. It is used
+// under writer.mu only.
 type allocator struct {
-	img  *Image
-	refs *refcountTable
-	cs   int64
-	// end is the first byte past every cluster in use or allocated: the
-	// next cluster handed out.
+	img *Image
+	t   *refcountTable // the table entries in memory are authoritative
+	cs  int64
+	cb  uint
+	// end is the first byte past every cluster in use: clusters at or
+	// past it are free, and the file grows from there.
 	end int64
-	// metaEnd is the end of the metadata found at Open (header, L1 table,
-	// refcount table and blocks): nothing is ever allocated below it.
-	metaEnd int64
+	// freeHint is the lowest cluster index that may be free.
+	freeHint uint64
+	// blocks holds the refcount blocks read or created, by table index.
+	blocks map[uint64]*refBlock
+	// newEntries lists table indexes whose entry changed in memory (new
+	// blocks): written only after the blocks themselves are durable.
+	newEntries map[uint64]bool
+	// moved is set when the refcount table was moved in memory to larger
+	// clusters: it reaches the file (and the header) at the next flush.
+	moved *movedTable
+	// meta is the set of host clusters holding metadata besides the
+	// header, L1 table and refcount table (which are checked by range):
+	// refcount blocks, L2 tables, the snapshot table and snapshot L1
+	// tables. Data must never be written there.
+	meta map[uint64]bool
+}
+
+// refBlock is a refcount block in memory.
+type refBlock struct {
+	off   uint64
+	data  []byte
+	dirty bool
+}
+
+// movedTable is a refcount table placed at new clusters in memory.
+type movedTable struct {
+	off, n       int64 // the new table
+	oldOff, oldN int64 // the table on disk it replaces
 }
 
 // newAllocator reads the refcount table of img, whose file is fileSize
-// bytes long.
+// bytes long, and notes where its metadata lies.
 func newAllocator(img *Image, fileSize int64) (*allocator, error) {
 	h := img.hdr
 	refs, err := readRefcountTable(img.f, h, fileSize)
@@ -43,212 +66,425 @@ func newAllocator(img *Image, fileSize int64) (*allocator, error) {
 		return nil, err
 	}
 	cs := img.geo.clusterSize()
-	a := &allocator{img: img, refs: refs, cs: cs}
-	meta := max(cs, int64(h.L1TableOffset)+int64(h.L1Size)*8,
-		int64(h.RefcountTableOffset)+int64(h.RefcountTableClusters)<<h.ClusterBits)
+	a := &allocator{img: img, t: refs, cs: cs, cb: img.geo.clusterBits,
+		blocks: map[uint64]*refBlock{}, newEntries: map[uint64]bool{}, meta: map[uint64]bool{}}
+	end := max(alignUp(fileSize, cs), cs)
+	mark := func(off, n int64) {
+		if n <= 0 {
+			return
+		}
+		for c := off >> a.cb; c < (off+n+cs-1)>>a.cb; c++ {
+			a.meta[uint64(c)] = true
+		}
+		end = max(end, alignUp(off+n, cs))
+	}
 	for i := range refs.entries {
 		off, p := refs.blockFor(uint64(i))
 		switch p {
 		case refblockOK:
-			meta = max(meta, int64(off)+cs)
+			mark(int64(off), cs)
 		case refblockNone:
 		default:
 			return nil, &disk.FormatError{Format: formatName, Offset: int64(refs.offset) + int64(i)*8, Corrupt: true,
 				What: fmt.Sprintf("refcount table entry %d (%#x): %s", i, refs.entries[i], p)}
 		}
 	}
-	a.metaEnd = alignUp(meta, cs)
-	a.end = max(alignUp(fileSize, cs), a.metaEnd)
-	refs.fileSize = a.end
+	end = max(end, alignUp(int64(h.L1TableOffset)+int64(h.L1Size)*8, cs),
+		alignUp(int64(h.RefcountTableOffset)+int64(h.RefcountTableClusters)<<h.ClusterBits, cs))
+	for _, l2 := range img.l1 {
+		if l2 != 0 {
+			mark(int64(l2), cs)
+		}
+	}
+	if len(img.snaps) > 0 {
+		last := img.snaps[len(img.snaps)-1]
+		n := last.Offset + 40 + int64(last.ExtraDataSize) + int64(len(last.ID)) + int64(len(last.Name))
+		mark(int64(h.SnapshotsOffset), n-int64(h.SnapshotsOffset))
+		for _, s := range img.snaps {
+			mark(int64(s.L1TableOffset), int64(s.L1Size)*8)
+		}
+	}
+	a.end = end
+	refs.fileSize = 1 << 62 // blocks past the file's end are allocated by us
 	return a, nil
 }
 
 // alignUp rounds n up to a multiple of the power of two a.
 func alignUp(n, a int64) int64 { return (n + a - 1) &^ (a - 1) }
 
-// take reserves n clusters at the end of the file and returns the offset
-// of the first. It refuses offsets that could overlap the image's
-// metadata.
-func (a *allocator) take(n int64) (int64, error) {
-	off := a.end
-	if off < a.metaEnd || off < a.cs {
-		return 0, a.img.corrupt(off, fmt.Sprintf("allocation at %#x would overlap metadata ending at %#x", off, a.metaEnd))
+// isMeta reports whether [off, off+n) meets the image's metadata.
+func (a *allocator) isMeta(off, n int64) bool {
+	h := a.img.hdr
+	if off < a.cs {
+		return true
 	}
+	if overlaps(off, n, int64(h.L1TableOffset), int64(h.L1Size)*8) ||
+		overlaps(off, n, int64(a.t.offset), int64(len(a.t.entries))*8) {
+		return true
+	}
+	if a.moved != nil && overlaps(off, n, a.moved.oldOff, a.moved.oldN) {
+		return true
+	}
+	for c := off >> a.cb; c < (off+n+a.cs-1)>>a.cb; c++ {
+		if a.meta[uint64(c)] {
+			return true
+		}
+	}
+	return false
+}
+
+// overlaps reports whether [a, a+an) meets [b, b+bn).
+func overlaps(a, an, b, bn int64) bool { return an > 0 && bn > 0 && a < b+bn && b < a+an }
+
+// block returns refcount block i, reading it, or creating it (and
+// allocating its cluster) when create is set and it does not exist. It
+// returns nil without error when the block does not exist and create is
+// not set.
+func (a *allocator) block(i uint64, create bool) (*refBlock, error) {
+	if b, ok := a.blocks[i]; ok {
+		return b, nil
+	}
+	t := a.t
+	off, p := t.blockFor(i)
+	switch p {
+	case refblockOK:
+		b := &refBlock{off: off, data: make([]byte, a.cs)}
+		if err := readAtZero(a.img.f, b.data, int64(off), a.end); err != nil {
+			return nil, fmt.Errorf("qcow2: reading refcount block at %#x: %w", off, err)
+		}
+		a.blocks[i] = b
+		return b, nil
+	case refblockNone:
+		if !create {
+			return nil, nil
+		}
+	default:
+		return nil, a.img.corrupt(int64(t.offset+i*8), fmt.Sprintf("refcount table entry %d (%#x): %s", i, t.entries[i], p))
+	}
+	if i >= uint64(len(t.entries)) {
+		if err := a.growTable(i); err != nil {
+			return nil, err
+		}
+		// Growing the table may have created this very block.
+		if b, ok := a.blocks[i]; ok {
+			return b, nil
+		}
+	}
+	// The new block goes at the end of the file; its own refcount is set
+	// once it is registered, so that a block covering itself is found.
+	c := uint64(a.end >> a.cb)
+	a.end += a.cs
+	b := &refBlock{off: c << a.cb, data: make([]byte, a.cs), dirty: true}
+	a.blocks[i] = b
+	t.entries[i] = b.off
+	a.newEntries[i] = true
+	a.meta[c] = true
+	if err := a.adjust(c, 1); err != nil {
+		return nil, err
+	}
+	return b, nil
+}
+
+// refcount returns the refcount of host cluster c.
+func (a *allocator) refcount(c uint64) (uint64, error) {
+	bb := a.t.blockBits()
+	b, err := a.block(c>>bb, false)
+	if err != nil || b == nil {
+		return 0, err
+	}
+	return refcountEntry(b.data, a.t.order, c&(1<<bb-1)), nil
+}
+
+// adjust adds delta (+1 or -1) to the refcount of host cluster c.
+func (a *allocator) adjust(c uint64, delta int) error {
+	bb := a.t.blockBits()
+	b, err := a.block(c>>bb, delta > 0)
+	if err != nil {
+		return err
+	}
+	var v uint64
+	if b != nil {
+		v = refcountEntry(b.data, a.t.order, c&(1<<bb-1))
+	}
+	switch {
+	case delta < 0 && v == 0:
+		return a.img.corrupt(int64(c<<a.cb), fmt.Sprintf("freeing host cluster %#x whose refcount is already 0", c<<a.cb))
+	case delta > 0 && v >= a.t.maxRefcount():
+		return &disk.UnsupportedError{Format: formatName,
+			Feature: fmt.Sprintf("a refcount above %d (refcount_bits=%d)", a.t.maxRefcount(), 1<<a.t.order)}
+	}
+	if delta > 0 {
+		v++
+	} else {
+		v--
+		if v == 0 && c < a.freeHint {
+			a.freeHint = c
+		}
+	}
+	putRefcountEntry(b.data, a.t.order, c&(1<<bb-1), v)
+	b.dirty = true
+	return nil
+}
+
+// free returns the index of a free host cluster, the lowest one from
+// freeHint on, or the next one at the end of the file. It does not take
+// the cluster.
+func (a *allocator) free() (uint64, error) {
+	endC := uint64(a.end >> a.cb)
+	bb := a.t.blockBits()
+	for c := a.freeHint; c < endC; {
+		b, err := a.block(c>>bb, false)
+		if err != nil {
+			return 0, err
+		}
+		blockEnd := min((c>>bb+1)<<bb, endC)
+		if b == nil {
+			if !a.isMeta(int64(c<<a.cb), a.cs) {
+				a.freeHint = c
+				return c, nil
+			}
+			c++
+			continue
+		}
+		for ; c < blockEnd; c++ {
+			if refcountEntry(b.data, a.t.order, c&(1<<bb-1)) == 0 && !a.isMeta(int64(c<<a.cb), a.cs) {
+				a.freeHint = c
+				return c, nil
+			}
+		}
+	}
+	a.freeHint = endC
+	return endC, nil
+}
+
+// take allocates one host cluster (refcount 1) and returns its offset.
+// The refcount reaches the file at the next metadata flush.
+func (a *allocator) take() (int64, error) {
+	off, _, err := a.takeFresh()
+	return off, err
+}
+
+// takeFresh is take, and also reports whether the cluster lies past
+// every cluster ever used, so that it reads as zeros (a hole, or past
+// the end of the file) until written.
+func (a *allocator) takeFresh() (int64, bool, error) {
+	c, err := a.free()
+	if err != nil {
+		return 0, false, err
+	}
+	fresh := int64(c)<<a.cb >= a.end
+	off, err := a.takeAt(c)
+	return off, fresh, err
+}
+
+// takeAt takes the free cluster c.
+func (a *allocator) takeAt(c uint64) (int64, error) {
+	if int64(c+1)<<a.cb > int64(offsetMask)+1 {
+		return 0, &disk.UnsupportedError{Format: formatName, Feature: "growing the image file past 2^56 bytes"}
+	}
+	if int64(c)<<a.cb >= a.end {
+		a.end = int64(c+1) << a.cb
+	}
+	if err := a.adjust(c, 1); err != nil {
+		return 0, err
+	}
+	return int64(c) << a.cb, nil
+}
+
+// takeRun allocates n host clusters, contiguous when free space allows,
+// and returns their offsets and which ones are fresh (see takeFresh).
+func (a *allocator) takeRun(n int) ([]int64, []bool, error) {
+	offs := make([]int64, n)
+	fresh := make([]bool, n)
+	for i := range offs {
+		off, f, err := a.takeFresh()
+		if err != nil {
+			return nil, nil, err
+		}
+		offs[i], fresh[i] = off, f
+	}
+	return offs, fresh, nil
+}
+
+// atEnd allocates n contiguous clusters at the end of the file.
+func (a *allocator) atEnd(n int64) (int64, error) {
+	off := a.end
 	if off+n*a.cs > int64(offsetMask)+1 {
 		return 0, &disk.UnsupportedError{Format: formatName, Feature: "growing the image file past 2^56 bytes"}
 	}
 	a.end += n * a.cs
+	for c := off >> a.cb; c < a.end>>a.cb; c++ {
+		if err := a.adjust(uint64(c), 1); err != nil {
+			return 0, err
+		}
+	}
 	return off, nil
 }
 
-// allocate reserves n contiguous clusters plus extra single clusters (for
-// example a new L2 table), sets their refcounts to 1 (adding refcount
-// blocks where needed) and makes that durable. It returns the offset of
-// the n clusters and of each extra one.
+// allocate reserves n contiguous clusters at the end of the file plus
+// extra single clusters, sets their refcounts to 1 and makes the
+// refcounts durable before it returns (used for metadata written
+// directly, such as a moved L1 table). It returns the offset of the n
+// clusters and of each extra one.
 func (a *allocator) allocate(n int64, extra int) (int64, []int64, error) {
-	start, err := a.take(n)
+	start, err := a.atEnd(n)
 	if err != nil {
 		return 0, nil, err
 	}
-	queue := make([]uint64, 0, n+int64(extra))
-	for i := int64(0); i < n; i++ {
-		queue = append(queue, uint64(start/a.cs+i))
-	}
 	extras := make([]int64, extra)
 	for i := range extras {
-		if extras[i], err = a.take(1); err != nil {
+		if extras[i], err = a.take(); err != nil {
 			return 0, nil, err
 		}
-		queue = append(queue, uint64(extras[i]/a.cs))
 	}
-	if err := a.setRefcounts(queue, 1); err != nil {
+	if err := a.writeBack(true); err != nil {
 		return 0, nil, err
 	}
-	return start, extras, nil
-}
-
-// setRefcounts sets the refcount of each host cluster index in queue to
-// v, adding (and counting) refcount blocks for clusters that have none,
-// then syncs; new blocks are linked into the refcount table after that
-// sync, and synced again.
-func (a *allocator) setRefcounts(queue []uint64, v uint64) error {
-	t := a.refs
-	bb := t.blockBits()
-	var newBlocks []uint64 // refcount table indexes
-	zero := make([]byte, a.cs)
-	var grown *grownTable
-	for i := 0; i < len(queue); i++ {
-		bi := queue[i] >> bb
-		if bi >= uint64(len(t.entries)) {
-			if grown != nil {
-				return a.img.corrupt(-1, "refcount table grew twice in one allocation")
-			}
-			g, err := a.growTable(bi)
-			if err != nil {
-				return err
-			}
-			grown = g
-			for c := g.off / a.cs; c < (g.off+g.n)/a.cs; c++ {
-				queue = append(queue, uint64(c))
-			}
-		}
-		if t.entries[bi] != 0 {
-			continue
-		}
-		off, err := a.take(1)
-		if err != nil {
-			return err
-		}
-		if _, err := a.img.f.WriteAt(zero, off); err != nil {
-			return fmt.Errorf("qcow2: writing refcount block at %#x: %w", off, err)
-		}
-		t.entries[bi] = uint64(off)
-		newBlocks = append(newBlocks, bi)
-		queue = append(queue, uint64(off/a.cs))
-	}
-	t.fileSize = a.end
-	for _, c := range queue {
-		if err := t.writeRefcount(a.img.f, c, v); err != nil {
-			return err
-		}
-	}
-	if err := a.img.f.Sync(); err != nil {
-		return fmt.Errorf("qcow2: sync: %w", err)
-	}
-	if grown != nil {
-		return a.moveTable(grown)
-	}
-	if len(newBlocks) == 0 {
-		return nil
-	}
-	var b [8]byte
-	for _, bi := range newBlocks {
-		binary.BigEndian.PutUint64(b[:], t.entries[bi])
-		if _, err := a.img.f.WriteAt(b[:], int64(t.offset+bi*8)); err != nil {
-			return fmt.Errorf("qcow2: writing refcount table entry %d: %w", bi, err)
-		}
-	}
-	if err := a.img.f.Sync(); err != nil {
-		return fmt.Errorf("qcow2: sync: %w", err)
-	}
-	return nil
+	return start, extras, a.img.syncFiles()
 }
 
 // release drops one reference from each host cluster overlapping
 // [off, off+n). The caller has made durable every table change that
-// stopped using them.
+// stopped using them; the decrements reach the file at the next
+// metadata flush.
 func (a *allocator) release(off, n int64) error {
-	t := a.refs
-	for c := off / a.cs; c <= (off+n-1)/a.cs; c++ {
-		rc, err := t.Refcount(uint64(c))
-		if err != nil {
+	for c := off >> a.cb; c <= (off+n-1)>>a.cb; c++ {
+		if err := a.adjust(uint64(c), -1); err != nil {
 			return err
 		}
-		if rc == 0 {
-			return a.img.corrupt(off, fmt.Sprintf("freeing host cluster %#x whose refcount is already 0", c*a.cs))
-		}
-		if err := t.writeRefcount(a.img.f, uint64(c), rc-1); err != nil {
-			return err
+		if rc, err := a.refcount(uint64(c)); err == nil && rc == 0 {
+			delete(a.meta, uint64(c))
 		}
 	}
 	return nil
 }
 
-// grownTable is a refcount table being moved to a larger place.
-type grownTable struct {
-	off, n       int64 // the new table's offset and size in bytes
-	oldOff, oldN int64 // the old table's
-}
-
-// growTable makes room in the in-memory refcount table for index bi (and
-// more, doubling it), at new clusters at the end of the file. The caller
-// sets the refcounts of those clusters, then calls moveTable.
-func (a *allocator) growTable(bi uint64) (*grownTable, error) {
-	t := a.refs
+// growTable makes room in the in-memory refcount table for index i (and
+// more, doubling it) at new clusters at the end of the file. The table
+// reaches the file, then the header, at the next flush.
+func (a *allocator) growTable(i uint64) error {
+	t := a.t
 	oldN := int64(len(t.entries)) * 8
-	n := max(2*oldN, alignUp(int64(bi+1)*8, a.cs))
-	// Leave room for the refcount blocks of the table itself and of what
-	// follows it.
+	n := max(2*oldN, alignUp(int64(i+1)*8, a.cs))
+	// Leave room for the refcount blocks of the table itself.
 	n = alignUp(n+a.cs, a.cs)
 	if n > maxRefcountTableBytes {
-		return nil, &disk.UnsupportedError{Format: formatName,
+		return &disk.UnsupportedError{Format: formatName,
 			Feature: fmt.Sprintf("a refcount table over %d MiB", maxRefcountTableBytes>>20)}
 	}
-	off, err := a.take(n / a.cs)
-	if err != nil {
-		return nil, err
-	}
+	off := a.end
+	a.end += n
 	entries := make([]uint64, n/8)
 	copy(entries, t.entries)
 	t.entries = entries
-	return &grownTable{off: off, n: n, oldOff: int64(t.offset), oldN: oldN}, nil
+	prev := a.moved
+	if prev == nil {
+		a.moved = &movedTable{off: off, n: n, oldOff: int64(t.offset), oldN: oldN}
+	} else {
+		// Moved twice before a flush: the intermediate table never
+		// reached the file.
+		a.moved = &movedTable{off: off, n: n, oldOff: prev.oldOff, oldN: prev.oldN}
+	}
+	t.offset = uint64(off)
+	for c := off >> a.cb; c < (off+n)>>a.cb; c++ {
+		if err := a.adjust(uint64(c), 1); err != nil {
+			return err
+		}
+	}
+	if prev != nil {
+		return a.release(prev.off, prev.n)
+	}
+	return nil
 }
 
-// moveTable writes the grown refcount table (whose clusters, and every
-// new refcount block, have their refcounts set and synced), syncs, points
-// the header at it, syncs, and releases the old table.
-func (a *allocator) moveTable(g *grownTable) error {
-	t := a.refs
-	buf := make([]byte, g.n)
-	for i, e := range t.entries {
-		binary.BigEndian.PutUint64(buf[i*8:], e)
+// writeBack writes the changed refcount blocks, then (after a sync) the
+// refcount table entries of new blocks, or a moved table and the header
+// fields pointing to it. With lazy refcounts it does nothing unless final
+// is set. The caller syncs afterwards.
+func (a *allocator) writeBack(final bool) error {
+	if a.img.w.lazy && !final {
+		return nil
 	}
 	f := a.img.f
-	if _, err := f.WriteAt(buf, g.off); err != nil {
-		return fmt.Errorf("qcow2: writing refcount table at %#x: %w", g.off, err)
+	for _, b := range a.blocks {
+		if !b.dirty {
+			continue
+		}
+		if _, err := f.WriteAt(b.data, int64(b.off)); err != nil {
+			return fmt.Errorf("qcow2: writing refcount block at %#x: %w", b.off, err)
+		}
+		b.dirty = false
 	}
-	if err := f.Sync(); err != nil {
-		return fmt.Errorf("qcow2: sync: %w", err)
+	if len(a.newEntries) == 0 && a.moved == nil {
+		return a.trimBlocks()
 	}
-	var hdr [12]byte
-	binary.BigEndian.PutUint64(hdr[:], uint64(g.off))
-	binary.BigEndian.PutUint32(hdr[8:], uint32(g.n/a.cs))
-	if _, err := f.WriteAt(hdr[:], offRefcountTableOffset); err != nil {
-		return fmt.Errorf("qcow2: writing the refcount table offset to the header: %w", err)
+	if err := a.img.syncFiles(); err != nil {
+		return err
 	}
-	if err := f.Sync(); err != nil {
-		return fmt.Errorf("qcow2: sync: %w", err)
+	t := a.t
+	if m := a.moved; m != nil {
+		buf := make([]byte, m.n)
+		for i, e := range t.entries {
+			binary.BigEndian.PutUint64(buf[i*8:], e)
+		}
+		if _, err := f.WriteAt(buf, m.off); err != nil {
+			return fmt.Errorf("qcow2: writing refcount table at %#x: %w", m.off, err)
+		}
+		if err := a.img.syncFiles(); err != nil {
+			return err
+		}
+		var hdr [12]byte
+		binary.BigEndian.PutUint64(hdr[:], uint64(m.off))
+		binary.BigEndian.PutUint32(hdr[8:], uint32(m.n>>a.cb))
+		if _, err := f.WriteAt(hdr[:], offRefcountTableOffset); err != nil {
+			return fmt.Errorf("qcow2: writing the refcount table offset to the header: %w", err)
+		}
+		a.img.hdr.RefcountTableOffset = uint64(m.off)
+		a.img.hdr.RefcountTableClusters = uint32(m.n >> a.cb)
+		a.moved = nil
+		if err := a.img.syncFiles(); err != nil {
+			return err
+		}
+		clear(a.newEntries)
+		// The old table is free now that the header points elsewhere.
+		if err := a.release(m.oldOff, m.oldN); err != nil {
+			return err
+		}
+		return a.trimBlocks()
 	}
-	t.offset = uint64(g.off)
-	return a.release(g.oldOff, g.oldN)
+	var b [8]byte
+	for i := range a.newEntries {
+		binary.BigEndian.PutUint64(b[:], t.entries[i])
+		if _, err := f.WriteAt(b[:], int64(t.offset+i*8)); err != nil {
+			return fmt.Errorf("qcow2: writing refcount table entry %d: %w", i, err)
+		}
+	}
+	clear(a.newEntries)
+	return a.trimBlocks()
+}
+
+// trimBlocks forgets unchanged blocks beyond maxCleanRefblocks.
+func (a *allocator) trimBlocks() error {
+	if len(a.blocks) <= maxCleanRefblocks {
+		return nil
+	}
+	for i, b := range a.blocks {
+		if !b.dirty {
+			delete(a.blocks, i)
+		}
+	}
+	return nil
+}
+
+// dirty reports whether refcount changes wait to be written.
+func (a *allocator) dirty() bool {
+	if len(a.newEntries) > 0 || a.moved != nil {
+		return true
+	}
+	for _, b := range a.blocks {
+		if b.dirty {
+			return true
+		}
+	}
+	return false
 }

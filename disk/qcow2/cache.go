@@ -66,6 +66,9 @@ type cacheItem struct {
 	err        error
 	ready      chan struct{} // closed when data/err are set
 	prev, next *cacheItem
+	// pinned items (L2 slices changed in memory and not yet written to
+	// the file) are never evicted.
+	pinned bool
 }
 
 // newL2Cache returns a cache of about capacity bytes of slices of
@@ -199,22 +202,24 @@ func (s *cacheShard) moveToFront(it *cacheItem) {
 // An item still loading may be dropped from the map: its loader and
 // waiters keep their reference, only the cache forgets it.
 func (s *cacheShard) evict() {
-	for len(s.items) > s.capacity {
-		old := s.lru.prev
-		if old == &s.lru {
-			return
+	old := s.lru.prev
+	for len(s.items) > s.capacity && old != &s.lru {
+		prev := old.prev
+		if !old.pinned {
+			s.unlink(old)
+			delete(s.items, old.key)
 		}
-		s.unlink(old)
-		delete(s.items, old.key)
+		old = prev
 	}
 }
 
-// set makes data (which the cache then owns) the slice at host offset
-// key, replacing any cached or loading one: a writer calls it after
-// writing the changed slice to the file. Callers still holding the old
-// slice keep using it unchanged.
-func (c *l2Cache) set(key uint64, data []byte) {
-	it := &cacheItem{key: key, data: data, ready: make(chan struct{})}
+// set makes data (which the cache then owns, and which must not change)
+// the slice at host offset key, replacing any cached or loading one.
+// With pinned set the slice stays cached until unpin: the writer pins
+// the L2 slices it changed in memory until it has written them to the
+// file. Callers still holding the old slice keep using it unchanged.
+func (c *l2Cache) set(key uint64, data []byte, pinned bool) {
+	it := &cacheItem{key: key, data: data, ready: make(chan struct{}), pinned: pinned}
 	close(it.ready)
 	s := c.shard(key)
 	s.mu.Lock()
@@ -224,6 +229,17 @@ func (c *l2Cache) set(key uint64, data []byte) {
 	}
 	s.items[key] = it
 	s.pushFront(it)
+	s.evict()
+	s.mu.Unlock()
+}
+
+// unpin lets the slice at key be evicted again.
+func (c *l2Cache) unpin(key uint64) {
+	s := c.shard(key)
+	s.mu.Lock()
+	if it, ok := s.items[key]; ok {
+		it.pinned = false
+	}
 	s.evict()
 	s.mu.Unlock()
 }

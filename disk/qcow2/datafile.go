@@ -7,11 +7,11 @@ import (
 	"github.com/imgloop/imgloop/disk/hostfile"
 )
 
-// openDataFile opens the external data file (incompatible feature bit 2)
-// read-only; guest clusters are then read from it. Its name comes from
+// openDataFile opens the external data file (incompatible feature bit 2),
+// read-only unless rw is set; guest clusters are then read from it. Its name comes from
 // the external data file name header extension, resolved against the
 // image's folder.
-func (img *Image) openDataFile() error {
+func (img *Image) openDataFile(rw bool) error {
 	if !img.hdr.HasDataFile() {
 		return nil
 	}
@@ -23,7 +23,7 @@ func (img *Image) openDataFile() error {
 		return &disk.UnsupportedError{Format: formatName, Feature: fmt.Sprintf("data file %q (a QEMU protocol name)", name)}
 	}
 	path := resolveName(img.f.Name(), name)
-	f, err := hostfile.Open(path, true)
+	f, err := hostfile.Open(path, !rw)
 	if err != nil {
 		return fmt.Errorf("qcow2: data file %q: %w", name, err)
 	}

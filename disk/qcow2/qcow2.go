@@ -176,6 +176,19 @@ func Open(f disk.File, opts disk.OpenOptions) (_ *Image, err error) {
 	if err != nil {
 		return nil, err
 	}
+	if h.Dirty() && !opts.ReadOnly && opts.Snapshot == "" && h.CryptMethod == 0 {
+		// Left dirty by a writer that did not close it (lazy refcounts):
+		// rebuild the refcounts before writing. If that fails the image
+		// still opens, and its writes say why not.
+		if repairDirty(f) == nil {
+			if fileSize, err = f.Size(); err != nil {
+				return nil, fmt.Errorf("qcow2: %s: %w", f.Name(), err)
+			}
+			if h, err = readHeader(f, fileSize); err != nil {
+				return nil, err
+			}
+		}
+	}
 	img := &Image{f: f, hdr: h, data: f, size: int64(h.Size)}
 	defer func() {
 		if err != nil {
@@ -196,7 +209,7 @@ func Open(f disk.File, opts disk.OpenOptions) (_ *Image, err error) {
 	if img.snaps, err = readSnapshots(f, h, fileSize); err != nil {
 		return nil, err
 	}
-	if err = img.openDataFile(); err != nil {
+	if err = img.openDataFile(!opts.ReadOnly && opts.Snapshot == ""); err != nil {
 		return nil, err
 	}
 	l1Offset, l1Size := h.L1TableOffset, h.L1Size

@@ -1,139 +1,41 @@
 package qcow2
 
 import (
-	"encoding/binary"
 	"fmt"
-	"sync"
-	"sync/atomic"
 
 	"github.com/imgloop/imgloop/disk"
 )
 
-// Writes (issue 3, first slice). An image opened with ReadOnly false (and
-// no snapshot selected) accepts writes when it is a plain version 2 or 3
-// image: no extended L2 entries, internal snapshots, external data file,
-// autoclear features (bitmaps), dirty or corrupt flag. Other images open
-// and read as before; their writes fail with a *disk.UnsupportedError
-// naming the feature.
+// Writes. A write to clusters allocated with refcount 1 (OFLAG_COPIED set;
+// with extended L2 entries, to subclusters already allocated) goes
+// straight to the host file, holding only the shared side of
+// writer.inplace. Any other write takes the allocation mutex and:
 //
-// A write to a cluster that is allocated with refcount 1 (the COPIED flag
-// set) goes straight to the host file, without any lock. Any other
-// cluster (unallocated, zero, compressed, or shared) gets a new host
-// cluster at the end of the file, under the writer's allocation mutex, in
-// an order that keeps the image consistent across a crash (at worst
-// leaking clusters):
+//   - gives each guest cluster that needs one a host cluster (a free one,
+//     or one at the end of the file): unallocated and zero clusters,
+//     compressed clusters (rewritten uncompressed) and clusters shared
+//     with an internal snapshot (copied);
+//   - writes the data, filling the rest of each partial cluster (with
+//     extended L2 entries, of each partial subcluster) with the current
+//     content: the backing file's data, zeros, or the old cluster's;
+//   - points the L2 entries at the new clusters in memory (copying an L2
+//     table shared with a snapshot first), and queues the old clusters
+//     for release.
 //
-//  1. refcounts of the new clusters (and new refcount blocks) — sync;
-//  2. the data, the untouched parts of partial clusters copied from the
-//     old content (backing file, zeros, inflated compressed data), and a
-//     new L2 table's content — sync;
-//  3. the L2 entries (in an existing table), or the L1 entry of a new
-//     L2 table;
-//  4. if old clusters are released (compressed, preallocated zero, or
-//     shared clusters rewritten): sync, then their refcounts decremented.
-//
-// Flush (and Close) sync the host file. Reads never take the allocation
-// mutex: they see the old or the new L1 entry (read atomically) and the
-// old or the new L2 slice (replaced whole in the cache).
+// The metadata reaches the file at the next Flush (or when too much of it
+// is pending), in the order described in meta.go. With an external data
+// file, guest cluster i lives at offset i × cluster size of the data file
+// and only the L2 entries change.
 
-// maxZeroChunk bounds the buffer WriteZeroes writes through.
-const maxZeroChunk = 1 << 20
-
-// writer is the write side of an Image opened read-write.
-type writer struct {
-	// unsupported names the feature that prevents writes, "" if none.
-	unsupported string
-	// err is why the write side could not be set up (refcount table
-	// unreadable), returned by every write.
-	err error
-
-	mu    sync.Mutex // allocating writes
-	alloc *allocator // under mu
-	// end mirrors alloc.end for lock-free checks of host offsets.
-	end atomic.Int64
-	// failed holds the error of an allocating write that failed part
-	// way: the in-memory tables may no longer match the file, so every
-	// later write returns it.
-	failed atomic.Pointer[error]
-	// meta lists the metadata found at Open that data writes must never
-	// touch: the header cluster, the L1 table and the refcount table.
-	meta []span
-}
-
-// span is a range of host bytes.
-type span struct{ off, n int64 }
-
-// overlaps reports whether [off, off+n) meets s.
-func (s span) overlaps(off, n int64) bool { return off < s.off+s.n && s.off < off+n }
-
-// initWriter sets up the write side of an image opened read-write. It
-// never fails Open: an image this version cannot write still reads, and
-// its writes return the reason.
-func (img *Image) initWriter(fileSize int64) {
-	w := &writer{}
-	img.w = w
-	h := img.hdr
-	switch {
-	case h.CryptMethod != 0:
-		w.unsupported = "encryption"
-	case h.Corrupt():
-		w.unsupported = "writing an image marked corrupt"
-	case h.Dirty():
-		w.unsupported = "writing a dirty image (its refcounts need repair)"
-	case h.ExtendedL2():
-		w.unsupported = "writing extended L2 entries"
-	case h.HasDataFile():
-		w.unsupported = "writing an external data file"
-	case len(img.snaps) > 0 || h.NbSnapshots > 0:
-		w.unsupported = "writing an image with internal snapshots"
-	case h.AutoclearFeatures != 0:
-		w.unsupported = fmt.Sprintf("writing an image with autoclear features %#x (persistent bitmaps)", h.AutoclearFeatures)
-	}
-	if w.unsupported != "" {
-		return
-	}
-	a, err := newAllocator(img, fileSize)
-	if err != nil {
-		w.err = fmt.Errorf("qcow2: write: %w", err)
-		return
-	}
-	w.alloc = a
-	w.end.Store(a.end)
-	w.meta = []span{
-		{0, img.geo.clusterSize()},
-		{int64(h.L1TableOffset), int64(h.L1Size) * 8},
-		{int64(h.RefcountTableOffset), int64(h.RefcountTableClusters) << h.ClusterBits},
-	}
-	// Data clusters may now lie past the file's size at Open; writes
-	// check host offsets against the allocation end instead.
-	img.geo.dataSize = int64(offsetMask) + 1
-}
-
-// writable returns nil if img accepts writes, else why not.
-func (img *Image) writable(op string) error {
-	if img.closed.Load() {
-		return disk.ErrClosed
-	}
-	w := img.w
-	switch {
-	case w == nil:
-		return fmt.Errorf("qcow2: %s: %w", op, disk.ErrReadOnly)
-	case w.unsupported != "":
-		return fmt.Errorf("qcow2: %s: %w", op, &disk.UnsupportedError{Format: formatName, Feature: w.unsupported})
-	case w.err != nil:
-		return w.err
-	}
-	if err := w.failed.Load(); err != nil {
-		return fmt.Errorf("qcow2: %s: an earlier write failed: %w", op, *err)
-	}
-	return nil
-}
+// maxRunBytes bounds how many bytes of new clusters one allocating step
+// prepares.
+const maxRunBytes = 8 << 20
 
 // WriteAt writes len(p) bytes at guest offset off. A request reaching
 // past Size fails whole with disk.ErrOutOfRange. Images opened read-only
-// return disk.ErrReadOnly; images with features this version cannot write
-// return a *disk.UnsupportedError. See the write notes above for the
-// order of updates.
+// (or on a snapshot) return disk.ErrReadOnly; images this driver cannot
+// write return a *disk.UnsupportedError; after a failed metadata update
+// or when corruption is found, every write returns that error.
 func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 	if err := img.writable("write"); err != nil {
 		return 0, err
@@ -141,16 +43,36 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 	if err := disk.CheckRange(off, int64(len(p)), img.size); err != nil {
 		return 0, fmt.Errorf("qcow2: write: %w", err)
 	}
+	done := 0
+	for done < len(p) {
+		n, err := img.writeInPlace(p[done:], off+int64(done))
+		done += n
+		if err != nil || done == len(p) {
+			return done, err
+		}
+		n, err = img.writeAlloc(p[done:], off+int64(done))
+		done += n
+		if err != nil {
+			return done, err
+		}
+	}
+	return done, nil
+}
+
+// writeInPlace writes the longest prefix of p (at guest offset pos) that
+// lies in clusters writable in place, and returns its length.
+func (img *Image) writeInPlace(p []byte, pos int64) (int, error) {
+	w := img.w
+	w.inplace.RLock()
+	defer w.inplace.RUnlock()
 	cb := img.geo.clusterBits
 	cs := img.geo.clusterSize()
-	// A pending direct write: runs of allocated clusters contiguous on
-	// the host are written at once.
 	runHost, runAt, runLen := int64(-1), 0, 0
-	flushRun := func() error {
+	flush := func() error {
 		if runLen == 0 {
 			return nil
 		}
-		if _, err := img.f.WriteAt(p[runAt:runAt+runLen], runHost); err != nil {
+		if _, err := img.data.WriteAt(p[runAt:runAt+runLen], runHost); err != nil {
 			return fmt.Errorf("qcow2: writing data at %#x: %w", runHost, err)
 		}
 		runLen = 0
@@ -158,334 +80,407 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 	}
 	done := 0
 	for done < len(p) {
-		pos := off + int64(done)
-		ci := uint64(pos) >> cb
-		in := pos - int64(ci)<<cb
+		cur := pos + int64(done)
+		ci := uint64(cur) >> cb
+		in := cur - int64(ci)<<cb
 		n := int(min(cs-in, int64(len(p)-done)))
-		ref, err := img.l2Ref(ci)
+		word, bitmap, err := img.entry(ci)
 		if err != nil {
 			return done, err
 		}
-		if host, ok := img.inPlace(ref); ok {
-			if runLen > 0 && runHost+int64(runLen) != host+in {
-				if err := flushRun(); err != nil {
-					return runAt, err
-				}
-			}
-			if runLen == 0 {
-				runHost, runAt = host+in, done
-			}
-			runLen += n
-			done += n
-			continue
-		}
-		if err := flushRun(); err != nil {
-			return runAt, err
-		}
-		m, err := img.writeAlloc(p[done:], pos)
-		done += m
+		host, ok, err := img.inPlace(ci, word, bitmap, in, int64(n), true)
 		if err != nil {
-			return done, err
+			if ferr := flush(); ferr != nil {
+				return runAt, ferr
+			}
+			return done, img.fail(err)
 		}
+		if !ok {
+			break
+		}
+		if runLen > 0 && runHost+int64(runLen) != host+in {
+			if err := flush(); err != nil {
+				return runAt, err
+			}
+		}
+		if runLen == 0 {
+			runHost, runAt = host+in, done
+		}
+		runLen += n
+		done += n
 	}
-	if err := flushRun(); err != nil {
+	if err := flush(); err != nil {
 		return runAt, err
 	}
 	return done, nil
 }
 
-// inPlace reports whether the cluster of ref can be written in place (a
-// normal cluster with refcount 1) and its host offset.
-func (img *Image) inPlace(ref l2Ref) (int64, bool) {
-	if ref.entry.kind != kindNormal || ref.word&entryCopied == 0 {
-		return 0, false
+// inPlace reports whether [in, in+n) of guest cluster ci, whose L2 entry
+// is word and bitmap, can be written in place, and the cluster's host
+// offset. An entry that claims so but points into metadata or past the
+// allocated end of the file is corruption. locked tells whether the
+// caller holds w.mu (else metaMu is taken to read the metadata set).
+func (img *Image) inPlace(ci, word, bitmap uint64, in, n int64, shared bool) (int64, bool, error) {
+	g := &img.geo
+	e, bad := g.decodeL2(word, bitmap)
+	if bad != "" {
+		return 0, false, img.corrupt(-1, fmt.Sprintf("L2 entry of guest cluster %d: %s", ci, bad))
 	}
-	host := int64(ref.entry.host)
-	cs := img.geo.clusterSize()
-	if host+cs > img.w.end.Load() {
-		return 0, false // writeAlloc reports it
+	if e.kind != kindNormal || (word&entryCopied == 0 && !g.dataFile) {
+		return 0, false, nil
 	}
-	for _, m := range img.w.meta {
-		if m.overlaps(host, cs) {
-			return 0, false
+	if g.extended {
+		scb := g.subclusterBits()
+		for sc := in >> scb; sc <= (in+n-1)>>scb; sc++ {
+			if e.bitmap>>sc&1 == 0 {
+				return 0, false, nil
+			}
 		}
 	}
-	return host, true
+	host := int64(e.host)
+	if err := img.checkDataCluster(ci, host, shared); err != nil {
+		return 0, false, err
+	}
+	return host, true, nil
 }
 
-// l2Ref locates the L2 entry of a guest cluster.
-type l2Ref struct {
-	l1i      uint64 // L1 index
-	table    uint64 // L2 table offset, 0 if the table is unallocated
-	sliceOff uint64 // host offset of the entry's slice (table != 0)
-	idx      uint64 // index of the entry in its slice
-	slice    []byte // the cached slice (table != 0)
-	word     uint64 // the raw entry, 0 without a table
-	entry    l2Entry
-}
-
-// l2Ref reads the L2 entry of guest cluster ci through the cache.
-func (img *Image) l2Ref(ci uint64) (l2Ref, error) {
-	g := &img.geo
-	l2Bits := g.l2Bits()
-	perSlice := uint64(img.cache.sliceSize / 8)
-	r := l2Ref{l1i: ci >> l2Bits}
-	if r.l1i >= uint64(len(img.l1)) {
-		return r, img.corrupt(int64(img.hdr.L1TableOffset), fmt.Sprintf("guest cluster %d lies past the L1 table", ci))
+// checkDataCluster refuses a data cluster at host offset host that lies
+// past the allocated end of the image file or overlaps its metadata
+// (QEMU's "metadata overlap" check). shared: the caller does not hold
+// w.mu.
+func (img *Image) checkDataCluster(ci uint64, host int64, shared bool) error {
+	if img.geo.dataFile {
+		return nil // the data file holds no metadata
 	}
-	l2i := ci & (1<<l2Bits - 1)
-	r.idx = l2i % perSlice
-	r.table = atomic.LoadUint64(&img.l1[r.l1i])
-	if r.table == 0 {
-		return r, nil
+	w := img.w
+	cs := img.geo.clusterSize()
+	if host+cs > w.end.Load() {
+		return img.corrupt(-1, fmt.Sprintf("guest cluster %d maps to host offset %#x, past the end of the image's clusters (%#x)", ci, host, w.end.Load()))
 	}
-	r.sliceOff = r.table + l2i/perSlice*uint64(img.cache.sliceSize)
-	slice, err := img.l2Slice(r.sliceOff)
-	if err != nil {
-		return r, err
+	if shared {
+		w.metaMu.RLock()
+		defer w.metaMu.RUnlock()
 	}
-	r.slice = slice
-	r.word = binary.BigEndian.Uint64(slice[r.idx*8:])
-	e, bad := g.decodeL2(r.word, 0)
-	if bad != "" {
-		return r, img.corrupt(int64(r.sliceOff+r.idx*8), fmt.Sprintf("L2 table at %#x: %s", r.table, bad))
+	if w.alloc.isMeta(host, cs) {
+		return img.corrupt(-1, fmt.Sprintf("guest cluster %d maps to host offset %#x, which holds metadata", ci, host))
 	}
-	r.entry = e
-	return r, nil
+	return nil
 }
 
 // writeAlloc writes a prefix of p at guest offset pos, at least the part
-// in pos's cluster, allocating new host clusters for a run of clusters of
-// one L2 slice that cannot be written in place. It returns how many bytes
+// in pos's cluster, under the allocation mutex. It returns how many bytes
 // of p it wrote.
 func (img *Image) writeAlloc(p []byte, pos int64) (int, error) {
 	w := img.w
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if err := w.failed.Load(); err != nil {
-		return 0, fmt.Errorf("qcow2: write: an earlier write failed: %w", *err)
+		return 0, fmt.Errorf("qcow2: write: the image's write side stopped: %w", *err)
 	}
 	n, changed, err := img.writeAllocLocked(p, pos)
-	if err != nil && changed {
-		w.failed.Store(&err)
+	w.end.Store(w.alloc.end)
+	if err != nil {
+		if changed {
+			return n, img.fail(err)
+		}
+		return n, err
 	}
-	return n, err
+	if len(w.dirtyL2) > maxDirtySlices {
+		if err := img.flushMeta(false); err != nil {
+			return n, err
+		}
+	}
+	return n, nil
 }
 
-// writeAllocLocked is writeAlloc under the allocation mutex; changed
-// reports whether it got as far as changing the file (an error then
-// leaves the writer unusable).
+// oldCluster is a guest cluster about to be given a new host cluster.
+type oldCluster struct {
+	word, bitmap uint64
+	e            l2Entry
+}
+
+// writeAllocLocked is writeAlloc under w.mu; changed reports whether it
+// changed anything (an error then stops the write side).
 func (img *Image) writeAllocLocked(p []byte, pos int64) (_ int, changed bool, _ error) {
 	w := img.w
 	g := &img.geo
 	cb := g.clusterBits
 	cs := g.clusterSize()
 	ci0 := uint64(pos) >> cb
-	ref, err := img.l2Ref(ci0)
+	in0 := pos - int64(ci0)<<cb
+	word, bitmap, err := img.entry(ci0)
 	if err != nil {
 		return 0, false, err
 	}
-	groupStart := int64(ci0) << cb
-	if host, ok := img.inPlace(ref); ok {
-		// Allocated by another write while this one waited.
-		n := min(int64(len(p)), groupStart+cs-pos)
-		if _, err := img.f.WriteAt(p[:n], host+pos-groupStart); err != nil {
-			return 0, false, fmt.Errorf("qcow2: writing data at %#x: %w", host+pos-groupStart, err)
+	n0 := min(cs-in0, int64(len(p)))
+	if host, ok, err := img.inPlace(ci0, word, bitmap, in0, n0, false); err != nil {
+		return 0, true, err
+	} else if ok {
+		// Made writable by another write while this one waited.
+		if _, err := img.data.WriteAt(p[:n0], host+in0); err != nil {
+			return 0, false, fmt.Errorf("qcow2: writing data at %#x: %w", host+in0, err)
 		}
-		return int(n), false, nil
+		return int(n0), false, nil
 	}
-	if ref.entry.kind == kindNormal && ref.word&entryCopied != 0 {
-		return 0, false, img.corrupt(int64(ref.sliceOff+ref.idx*8),
-			fmt.Sprintf("data cluster at %#x overlaps metadata or lies past the end of the file (%#x)", ref.entry.host, w.end.Load()))
+	e, _ := g.decodeL2(word, bitmap) // inPlace validated it
+	if (e.kind == kindNormal || e.kind == kindZeroAlloc) && (word&entryCopied != 0 || g.dataFile) {
+		// The host cluster stays: a preallocated zero cluster, or (with
+		// extended L2 entries) unallocated or zero subclusters of an
+		// allocated cluster.
+		n, err := img.fillInPlace(p[:n0], pos, word, e)
+		return n, true, err
 	}
-	// Gather the run: following clusters of the same slice that the
-	// write covers and that need a new cluster too.
+	// A run of clusters of one L2 slice that all need a new cluster.
+	perSlice := uint64(img.cache.sliceSize / g.entryBytes())
 	end := pos + int64(len(p))
-	perSlice := uint64(img.cache.sliceSize / 8)
-	old := []l2Ref{ref}
-	for k := uint64(1); ref.idx+k < perSlice && int64(ci0+k)<<cb < end; k++ {
-		r := ref
-		r.idx += k
-		r.word, r.entry = 0, l2Entry{}
-		if r.table != 0 {
-			r.word = binary.BigEndian.Uint64(ref.slice[r.idx*8:])
-			e, bad := g.decodeL2(r.word, 0)
-			if bad != "" {
-				return 0, false, img.corrupt(int64(r.sliceOff+r.idx*8), fmt.Sprintf("L2 table at %#x: %s", r.table, bad))
-			}
-			r.entry = e
-			if e.kind == kindNormal && r.word&entryCopied != 0 {
-				break
-			}
+	maxRun := uint64(max(1, maxRunBytes/cs))
+	old := []oldCluster{{word, bitmap, e}}
+	for ci := ci0 + 1; ci%perSlice != 0 && int64(ci)<<cb < end && uint64(len(old)) < maxRun; ci++ {
+		word, bitmap, err := img.entry(ci)
+		if err != nil {
+			return 0, false, err
 		}
-		old = append(old, r)
+		e, bad := g.decodeL2(word, bitmap)
+		if bad != "" {
+			return 0, true, img.corrupt(-1, fmt.Sprintf("L2 entry of guest cluster %d: %s", ci, bad))
+		}
+		if (e.kind == kindNormal || e.kind == kindZeroAlloc) && (word&entryCopied != 0 || g.dataFile) {
+			break
+		}
+		old = append(old, oldCluster{word, bitmap, e})
 	}
-	for _, r := range old {
-		if r.entry.kind == kindUnallocated || r.entry.kind == kindZero {
-			continue
-		}
-		n := cs
-		if r.entry.kind == kindCompressed {
-			n = r.entry.csize
-		}
-		for _, m := range w.meta {
-			if m.overlaps(int64(r.entry.host), n) {
-				return 0, false, img.corrupt(int64(r.sliceOff+r.idx*8),
-					fmt.Sprintf("L2 entry %#016x points into metadata at %#x", r.word, m.off))
+	if !g.dataFile {
+		for j, o := range old {
+			if err := img.checkOld(ci0+uint64(j), o.e); err != nil {
+				return 0, true, err
 			}
 		}
 	}
 	k := int64(len(old))
-	groupEnd := groupStart + k*cs
-	buf := make([]byte, k*cs)
-	if pos > groupStart {
-		if err := img.readOld(buf[:cs], groupStart); err != nil {
-			return 0, false, err
+	groupStart := int64(ci0) << cb
+	n := min(int64(len(p)), groupStart+k*cs-pos)
+	// Host clusters.
+	hosts := make([]int64, k)
+	fresh := make([]bool, k)
+	if g.dataFile {
+		for j := range hosts {
+			hosts[j] = groupStart + int64(j)*cs
 		}
-	}
-	if end < groupEnd && (k > 1 || pos == groupStart) {
-		if err := img.readOld(buf[(k-1)*cs:], groupEnd-cs); err != nil {
-			return 0, false, err
-		}
-	}
-	n := copy(buf[pos-groupStart:], p)
-
-	// 1. Refcounts.
-	extra := 0
-	if ref.table == 0 {
-		extra = 1
-	}
-	host, extras, err := w.alloc.allocate(k, extra)
-	w.end.Store(w.alloc.end)
-	if err != nil {
-		return 0, true, err
-	}
-	// 2. Data, and a new L2 table.
-	if _, err := img.f.WriteAt(buf, host); err != nil {
-		return 0, true, fmt.Errorf("qcow2: writing data at %#x: %w", host, err)
-	}
-	entries := make([]byte, k*8)
-	for j := range k {
-		binary.BigEndian.PutUint64(entries[j*8:], uint64(host+j*cs)|entryCopied)
-	}
-	if ref.table == 0 {
-		table := make([]byte, cs)
-		l2i := ci0 & (1<<g.l2Bits() - 1)
-		copy(table[l2i*8:], entries)
-		if _, err := img.f.WriteAt(table, extras[0]); err != nil {
-			return 0, true, fmt.Errorf("qcow2: writing L2 table at %#x: %w", extras[0], err)
-		}
-	}
-	if err := img.f.Sync(); err != nil {
-		return 0, true, fmt.Errorf("qcow2: sync: %w", err)
-	}
-	// 3. The L2 entries, or the L1 entry.
-	if ref.table == 0 {
-		var b [8]byte
-		binary.BigEndian.PutUint64(b[:], uint64(extras[0])|entryCopied)
-		at := int64(img.hdr.L1TableOffset) + int64(ref.l1i)*8
-		if _, err := img.f.WriteAt(b[:], at); err != nil {
-			return 0, true, fmt.Errorf("qcow2: writing L1 entry %d: %w", ref.l1i, err)
-		}
-		atomic.StoreUint64(&img.l1[ref.l1i], uint64(extras[0]))
 	} else {
-		at := int64(ref.sliceOff + ref.idx*8)
-		if _, err := img.f.WriteAt(entries, at); err != nil {
-			return 0, true, fmt.Errorf("qcow2: writing L2 entries at %#x: %w", at, err)
+		if hosts, fresh, err = w.alloc.takeRun(int(k)); err != nil {
+			return 0, true, err
 		}
-		slice := make([]byte, len(ref.slice))
-		copy(slice, ref.slice)
-		copy(slice[ref.idx*8:], entries)
-		img.cache.set(ref.sliceOff, slice)
+		w.end.Store(w.alloc.end)
 	}
-	// 4. Release what the old entries used.
-	var free []span
-	for _, r := range old {
-		switch r.entry.kind {
-		case kindCompressed:
-			free = append(free, span{int64(r.entry.host), r.entry.csize})
-		case kindNormal, kindZeroAlloc:
-			free = append(free, span{int64(r.entry.host), cs})
-		}
+	// Data: whole clusters straight from p, partial ones through a
+	// buffer filled with the current content.
+	words := make([]uint64, k)
+	var bitmaps []uint64
+	if g.extended {
+		bitmaps = make([]uint64, k)
 	}
-	if len(free) > 0 {
-		if err := img.f.Sync(); err != nil {
-			return n, true, fmt.Errorf("qcow2: sync: %w", err)
-		}
-		for _, s := range free {
-			if err := w.alloc.release(s.off, s.n); err != nil {
-				return n, true, err
+	type piece struct {
+		host  int64
+		b     []byte
+		fromP bool // b is part of p
+	}
+	var pieces []piece
+	for j := range k {
+		cStart := groupStart + j*cs
+		a, b := max(pos, cStart), min(pos+n, cStart+cs) // the part p covers
+		move := old[j].e.kind == kindNormal || old[j].e.kind == kindCompressed
+		var mask uint32
+		if g.extended {
+			scb := g.subclusterBits()
+			mask = subclusterMask(uint(a-cStart)>>scb, uint(b-1-cStart)>>scb)
+			switch old[j].e.kind {
+			case kindCompressed:
+				mask = ^uint32(0)
+			case kindNormal:
+				mask |= uint32(old[j].bitmap)
 			}
 		}
-	}
-	return n, true, nil
-}
-
-// readOld fills buf (one cluster) with the current content of the guest
-// cluster at off; the part past the end of the disk reads as zeros.
-func (img *Image) readOld(buf []byte, off int64) error {
-	n := min(int64(len(buf)), img.size-off)
-	clear(buf[n:])
-	if _, err := img.ReadAt(buf[:n], off); err != nil {
-		return fmt.Errorf("qcow2: reading cluster at guest offset %#x to copy it: %w", off, err)
-	}
-	return nil
-}
-
-// Discard returns disk.ErrReadOnly for a read-only image, else an error
-// matching disk.ErrNotSupported (not implemented yet).
-func (img *Image) Discard(off, n int64) error {
-	if err := img.writable("discard"); err != nil {
-		return err
-	}
-	return fmt.Errorf("qcow2: discard: %w", &disk.UnsupportedError{Format: formatName, Feature: "discard"})
-}
-
-// WriteZeroes writes zeros over [off, off+n) as ordinary data (zero
-// clusters are not written yet). It returns disk.ErrReadOnly for a
-// read-only image.
-func (img *Image) WriteZeroes(off, n int64, flags disk.ZeroFlags) error {
-	if err := img.writable("write zeroes"); err != nil {
-		return err
-	}
-	if err := disk.CheckRange(off, n, img.size); err != nil {
-		return fmt.Errorf("qcow2: write zeroes: %w", err)
-	}
-	zero := make([]byte, min(n, maxZeroChunk))
-	for n > 0 {
-		k := min(n, int64(len(zero)))
-		if _, err := img.WriteAt(zero[:k], off); err != nil {
-			return err
+		switch {
+		case a == cStart && b == cStart+cs:
+			pieces = append(pieces, piece{hosts[j], p[a-pos : b-pos], true})
+		case fresh[j] && img.readsZero(old[j], cStart):
+			// The new cluster reads as zeros already: write only p's
+			// part of it.
+			pieces = append(pieces, piece{hosts[j] + a - cStart, p[a-pos : b-pos], false})
+		default:
+			buf := make([]byte, cs)
+			lo, hi := int64(0), cs // what to fill from the current content
+			if g.extended && !move {
+				scs := int64(1) << g.subclusterBits()
+				lo = (a - cStart) &^ (scs - 1)
+				hi = alignUp(b-cStart, scs)
+			}
+			if lo < a-cStart {
+				if err := img.readOld(buf[lo:a-cStart], cStart+lo); err != nil {
+					return 0, true, err
+				}
+			}
+			if b-cStart < hi {
+				if err := img.readOld(buf[b-cStart:hi], b); err != nil {
+					return 0, true, err
+				}
+			}
+			copy(buf[a-cStart:], p[a-pos:b-pos])
+			pieces = append(pieces, piece{hosts[j], buf, false})
 		}
-		off += k
-		n -= k
+		words[j] = uint64(hosts[j]) | entryCopied
+		if g.extended {
+			zero := uint32(old[j].bitmap>>32) &^ mask
+			if old[j].e.kind == kindCompressed {
+				zero = 0
+			}
+			bitmaps[j] = uint64(zero)<<32 | uint64(mask)
+		}
+	}
+	for i := 0; i < len(pieces); {
+		// Whole clusters of p contiguous on the host are written at once.
+		j := i + 1
+		for pieces[i].fromP && j < len(pieces) && pieces[j].fromP && pieces[j].host == pieces[j-1].host+cs {
+			j++
+		}
+		for m := i; m < j; m++ {
+			if err := img.checkDataCluster(ci0+uint64(m), hosts[m], false); err != nil {
+				return 0, true, err
+			}
+		}
+		b := pieces[i].b
+		if j > i+1 {
+			start := groupStart + int64(i)*cs - pos
+			b = p[start : start+int64(j-i)*cs]
+		}
+		if _, err := img.data.WriteAt(b, pieces[i].host); err != nil {
+			return 0, true, fmt.Errorf("qcow2: writing data at %#x: %w", pieces[i].host, err)
+		}
+		i = j
+	}
+	if err := img.setEntries(ci0, words, bitmaps); err != nil {
+		return 0, true, err
+	}
+	if !g.dataFile {
+		for _, o := range old {
+			img.queueFree(o.e, cs, false)
+		}
+	}
+	return int(n), true, nil
+}
+
+// readsZero reports whether the whole guest cluster at cStart, mapped by
+// o, reads as zeros.
+func (img *Image) readsZero(o oldCluster, cStart int64) bool {
+	noBacking := img.backing == nil || cStart >= img.backingSize
+	if img.geo.extended {
+		return o.e.kind != kindCompressed && o.e.host == 0 && (noBacking || uint32(o.bitmap>>32) == ^uint32(0))
+	}
+	switch o.e.kind {
+	case kindZero, kindZeroAlloc:
+		return true
+	case kindUnallocated:
+		return noBacking
+	}
+	return false
+}
+
+// checkOld refuses to release the host cluster of entry e (guest cluster
+// ci) when it overlaps metadata: the entry is corrupt, and releasing it
+// would free a table.
+func (img *Image) checkOld(ci uint64, e l2Entry) error {
+	n := img.geo.clusterSize()
+	switch e.kind {
+	case kindCompressed:
+		n = e.csize
+	case kindNormal, kindZeroAlloc:
+	default:
+		return nil
+	}
+	if img.w.alloc.isMeta(int64(e.host), n) {
+		return img.corrupt(-1, fmt.Sprintf("guest cluster %d maps to host offset %#x, which holds metadata", ci, e.host))
 	}
 	return nil
 }
 
-// Flush makes every completed write durable (syncs the host file). It
-// does nothing for a read-only image, and returns disk.ErrClosed after
-// Close.
-func (img *Image) Flush() error {
-	if img.closed.Load() {
-		return disk.ErrClosed
+// queueFree queues the release of the host cluster (or compressed data)
+// of entry e once the table change that dropped it is durable.
+func (img *Image) queueFree(e l2Entry, cs int64, punch bool) {
+	w := img.w
+	switch e.kind {
+	case kindCompressed:
+		w.pendingFree = append(w.pendingFree, pendingFree{off: int64(e.host), n: e.csize, punch: punch})
+	case kindNormal, kindZeroAlloc:
+		w.pendingFree = append(w.pendingFree, pendingFree{off: int64(e.host), n: cs, punch: punch})
 	}
-	if img.w == nil || img.w.alloc == nil {
-		return nil
-	}
-	if err := img.f.Sync(); err != nil {
-		return fmt.Errorf("qcow2: flush: %w", err)
-	}
-	return nil
 }
 
-// flushOnClose syncs a writable image's file before Close closes it.
-func (img *Image) flushOnClose() error {
-	if img.w == nil || img.w.alloc == nil {
+// subclusterMask returns the bits of subclusters first to last.
+func subclusterMask(first, last uint) uint32 {
+	return uint32((uint64(1)<<(last+1) - 1) &^ (uint64(1)<<first - 1))
+}
+
+// fillInPlace writes p (inside one guest cluster, at guest offset pos)
+// into the cluster's existing host cluster when the entry (word, e) is a
+// preallocated zero cluster, or has unallocated or zero subclusters where
+// p goes: the partial units at p's ends are filled with the current
+// content, and the entry is updated to show the data. Under w.mu.
+func (img *Image) fillInPlace(p []byte, pos int64, word uint64, e l2Entry) (int, error) {
+	g := &img.geo
+	cb := g.clusterBits
+	ci := uint64(pos) >> cb
+	cStart := int64(ci) << cb
+	host := int64(e.host)
+	if err := img.checkDataCluster(ci, host, false); err != nil {
+		return 0, err
+	}
+	a, b := pos-cStart, pos-cStart+int64(len(p))
+	unit := g.clusterSize()
+	if g.extended {
+		unit = int64(1) << g.subclusterBits()
+	}
+	lo, hi := a&^(unit-1), alignUp(b, unit)
+	buf := make([]byte, hi-lo)
+	if lo < a {
+		if err := img.readOld(buf[:a-lo], cStart+lo); err != nil {
+			return 0, err
+		}
+	}
+	if b < hi {
+		if err := img.readOld(buf[b-lo:], cStart+b); err != nil {
+			return 0, err
+		}
+	}
+	copy(buf[a-lo:], p)
+	if _, err := img.data.WriteAt(buf, host+lo); err != nil {
+		return 0, fmt.Errorf("qcow2: writing data at %#x: %w", host+lo, err)
+	}
+	newWord := uint64(host) | entryCopied
+	var bitmaps []uint64
+	if g.extended {
+		scb := g.subclusterBits()
+		mask := subclusterMask(uint(lo>>scb), uint((hi-1)>>scb))
+		alloc := uint32(e.bitmap) | mask
+		zero := uint32(e.bitmap>>32) &^ mask
+		bitmaps = []uint64{uint64(zero)<<32 | uint64(alloc)}
+		newWord = word &^ entryZero
+	}
+	if err := img.setEntries(ci, []uint64{newWord}, bitmaps); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// readOld fills buf with the current content of the guest disk at off;
+// the part past the end of the disk reads as zeros.
+func (img *Image) readOld(buf []byte, off int64) error {
+	n := max(0, min(int64(len(buf)), img.size-off))
+	clear(buf[n:])
+	if n == 0 {
 		return nil
 	}
-	if err := img.f.Sync(); err != nil {
-		return fmt.Errorf("qcow2: flush: %w", err)
+	if _, err := img.ReadAt(buf[:n], off); err != nil {
+		return fmt.Errorf("qcow2: reading guest offset %#x to copy it: %w", off, err)
 	}
 	return nil
 }

@@ -159,6 +159,9 @@ func Info(t testing.TB, image string, openArgs ...string) map[string]any {
 // FirstDiff returns the offset of the first byte where a and b differ, or
 // -1 if they are equal (a shorter slice differs at its end).
 func FirstDiff(a, b []byte) int64 {
+	if bytes.Equal(a, b) {
+		return -1
+	}
 	n := min(len(a), len(b))
 	for i := 0; i < n; i++ {
 		if a[i] != b[i] {
