@@ -2,22 +2,22 @@
 // versions 2 and 3, as described by QEMU's docs/interop/qcow2.txt) as a
 // disk.Driver named "qcow2".
 //
-// This version reads: standard and extended (subcluster) L2 entries, zero
-// clusters, compressed clusters (zlib, that is raw deflate, and zstd),
-// backing files and chains of them, external data files (raw or not), and
-// internal snapshots opened read-only (disk.OpenOptions.Snapshot).
-// Encrypted images are refused.
-//
-// An image opened with ReadOnly false (and no snapshot) is writable when
-// it is a plain version 2 or 3 image (any cluster size and refcount
-// width, with or without a backing file, compressed and zero clusters
-// included): see write.go for the order of updates that keeps the image
-// consistent across a crash. Images with extended L2 entries, internal
-// snapshots, an external data file, autoclear features (bitmaps), or the
-// dirty or corrupt flag still open and read, but their writes fail with a
-// *disk.UnsupportedError naming the feature. Read-only images return
-// disk.ErrReadOnly. Discard is not implemented yet (disk.ErrNotSupported);
-// WriteZeroes writes zeros as data.
+// It reads and writes standard and extended (subcluster) L2 entries,
+// zero clusters, compressed clusters (zlib, that is raw deflate, and
+// zstd; a compressed cluster that is written becomes a normal one),
+// backing files and chains of them, external data files (raw or not),
+// internal snapshots (their clusters are copied before they are
+// written; a snapshot can also be opened read-only by ID or name with
+// disk.OpenOptions.Snapshot) and lazy refcounts. Encrypted images are
+// refused. Writes allocate free clusters (else at the end of the file),
+// copy partial clusters from the backing chain, and keep refcounts and
+// OFLAG_COPIED flags exact; Discard and WriteZeroes use zero clusters
+// where the version allows (see zero.go); Resize grows or shrinks the
+// disk. Metadata is written back at Flush in a crash-safe order (see
+// meta.go). An image found inconsistent while writing is marked corrupt
+// and its writes then fail; an image left dirty (lazy refcounts) has its
+// refcounts repaired when opened read-write. StreamWriter writes a new
+// image front to back, for conversions. Check is qemu-img check.
 //
 // Guest offsets map to host offsets through the L1 table (read whole at
 // Open and validated there) and L2 tables, which are read in 4 KiB slices
@@ -32,11 +32,13 @@
 // L2 slice cache locks one shard only while it looks up or inserts a slice
 // (never during file I/O), so reads of different slices, and the
 // decompression of compressed clusters, run in parallel. Writes to
-// clusters already allocated with refcount 1 take no lock either; writes
-// that allocate clusters take one allocation mutex, and publish new L1
-// entries atomically and changed L2 slices by replacing them in the
-// cache, so that a concurrent read sees the old or the new mapping.
-// Close must not race with other calls on the same Image: calls that
+// clusters already allocated with refcount 1 take no image-wide lock
+// either (only the shared side of a read-write lock that freeing
+// clusters takes); writes that allocate clusters, Discard, WriteZeroes
+// and Flush take one allocation mutex, and publish new L1 entries
+// atomically and changed L2 slices by replacing them in the cache, so
+// that a concurrent read sees the old or the new mapping. Close and
+// Resize must not race with other calls on the same Image: calls that
 // start after Close return disk.ErrClosed.
 //
 // # Errors
@@ -52,9 +54,12 @@
 // past it, as QEMU allows; a zstd frame must hold exactly one cluster, as
 // QEMU requires); disk.ErrOutOfRange for a request outside the virtual
 // disk; disk.ErrClosed after Close. Errors of a backing image are wrapped
-// with the backing file's name. WriteAt returns a *disk.FormatError with
-// Corrupt set when an L2 entry it would write through points into the
-// header, the L1 table or the refcount table, or past the end of the file.
+// with the backing file's name. Writes return disk.ErrReadOnly on an image
+// opened read-only or on a snapshot, and a *disk.FormatError with Corrupt
+// set when an entry they would write through or release points into
+// metadata (QEMU's metadata overlap check) or past the allocated end of
+// the file, or a refcount would drop below zero: the image is then
+// marked corrupt, and later writes return a *disk.UnsupportedError.
 //
 // # Security
 //
