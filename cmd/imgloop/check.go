@@ -43,6 +43,11 @@ func newCheckCmd() *cobra.Command {
 		Long: "check counts the references to every host cluster of a qcow2 image and\n" +
 			"compares them with its refcounts, as qemu-img check does, reporting the\n" +
 			"same numbers. The findings are listed on standard error.\n\n" +
+			"-r leaks frees leaked clusters; -r all also repairs what qemu-img check\n" +
+			"-r all repairs: refcounts too low, OFLAG_COPIED flags, unaligned\n" +
+			"preallocated clusters, and missing or broken refcount blocks, by\n" +
+			"rebuilding the refcount structures (new ones written first, the header\n" +
+			"switched last). The image is then checked again, and that is reported.\n\n" +
 			"Exit status: 0 no errors, 2 corruptions, 3 leaked clusters only, 1 the\n" +
 			"check failed, 63 the format has no check (raw).",
 		Args: cobra.ExactArgs(1),
@@ -92,7 +97,7 @@ func newCheckCmd() *cobra.Command {
 	addFormatFlag(cmd, &format)
 	addOutputFlag(cmd, &output)
 	cmd.Flags().BoolVarP(&forceShare, "force-share", "U", false, "check even if another process writes to the image (the result may be wrong)")
-	cmd.Flags().StringVarP(&repair, "repair", "r", "", "repair `leaks` (refcounts above the references) or all (refcounts below them and OFLAG_COPIED flags too)")
+	cmd.Flags().StringVarP(&repair, "repair", "r", "", "repair `leaks` (refcounts above the references) or all (as qemu-img: refcounts below them, OFLAG_COPIED flags, broken refcount structures rebuilt)")
 	return cmd
 }
 
