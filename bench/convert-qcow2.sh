@@ -6,9 +6,11 @@
 # Each tool runs RUNS times (default 3), alternating, with the page cache
 # dropped before every run when /proc/sys/vm/drop_caches is writable (set
 # DROP_CACHES=0 to run warm). Both tools run with -t unsafe (no sync of the
-# output; qemu-img's default). The table shows medians, output sizes and the
-# ratio imgloop/qemu-img (lower is better). The source is kept in BENCH_DIR
-# (default: a new temporary folder) and reused when present.
+# output; qemu-img's default). The table shows medians of the wall-clock
+# time and of the CPU time (user + system: on a machine shared with other
+# work the wall clock is noisy, the CPU time much less), output sizes and
+# the ratio imgloop/qemu-img of each (lower is better). The source is kept
+# in BENCH_DIR (default: a new temporary folder) and reused when present.
 set -euo pipefail
 
 RUNS=${RUNS:-3}
@@ -42,12 +44,14 @@ drop_caches() {
 	fi
 }
 
+# timed CMD... prints "WALL CPU" in seconds (CPU: user + system, of CMD
+# and its children).
 timed() {
-	local start end
+	local start end cpu
 	start=$(date +%s.%N)
-	"$@" >/dev/null
+	cpu=$( { TIMEFORMAT='%U %S'; time "$@" >/dev/null 2>&1; } 2>&1 | awk '{ printf "%.3f", $1 + $2 }')
 	end=$(date +%s.%N)
-	awk -v s="$start" -v e="$end" 'BEGIN { printf "%.3f\n", e - s }'
+	awk -v s="$start" -v e="$end" -v c="$cpu" 'BEGIN { printf "%.3f %s\n", e - s, c }'
 }
 
 median() {
@@ -87,20 +91,24 @@ run_tool() {
 if [[ $DROP_CACHES != 1 || ! -w /proc/sys/vm/drop_caches ]]; then
 	echo "page cache not dropped: runs are warm" >&2
 fi
-echo "median seconds of $RUNS runs; ratio imgloop/qemu-img: lower is better"
-printf '%-6s %10s %10s %7s %14s %14s\n' mode qemu-img imgloop ratio "qemu size" "imgloop size"
+echo "median seconds of $RUNS runs (wall clock; CPU = user + system); ratio imgloop/qemu-img: lower is better"
+printf '%-6s %9s %9s %6s %9s %9s %6s %12s %12s\n' mode "qemu wall" "ours wall" ratio "qemu CPU" "ours CPU" ratio "qemu size" "ours size"
 for mode in $MODES; do
-	declare -A times=()
+	declare -A walls=() cpus=()
 	for ((i = 0; i < RUNS; i++)); do
 		order=(qemu imgloop)
 		((i % 2 == 1)) && order=(imgloop qemu)
 		for tool in "${order[@]}"; do
-			times[$tool]+="$(run_tool "$tool" "$mode") "
+			res=$(run_tool "$tool" "$mode")
+			read -r wall cpu <<<"$res"
+			walls[$tool]+="$wall "
+			cpus[$tool]+="$cpu "
 		done
 	done
-	q=$(tr ' ' '\n' <<<"${times[qemu]}" | grep . | median)
-	m=$(tr ' ' '\n' <<<"${times[imgloop]}" | grep . | median)
-	awk -v q="$q" -v m="$m" -v mode="$mode" -v qs="$(cat "$dir/size.qemu.$mode")" -v ms="$(cat "$dir/size.imgloop.$mode")" \
-		'BEGIN { printf "%-6s %10.2f %10.2f %7.2f %14d %14d\n", mode, q, m, m / q, qs, ms }'
-	echo "  qemu-img: ${times[qemu]}  imgloop: ${times[imgloop]}" >&2
+	med() { tr ' ' '\n' <<<"$1" | grep . | median; }
+	awk -v q="$(med "${walls[qemu]}")" -v m="$(med "${walls[imgloop]}")" \
+		-v qc="$(med "${cpus[qemu]}")" -v mc="$(med "${cpus[imgloop]}")" -v mode="$mode" \
+		-v qs="$(cat "$dir/size.qemu.$mode")" -v ms="$(cat "$dir/size.imgloop.$mode")" \
+		'BEGIN { printf "%-6s %9.2f %9.2f %6.2f %9.2f %9.2f %6.2f %12d %12d\n", mode, q, m, m / q, qc, mc, mc / qc, qs, ms }'
+	echo "  $mode wall: qemu-img: ${walls[qemu]} imgloop: ${walls[imgloop]}; CPU: qemu-img: ${cpus[qemu]} imgloop: ${cpus[imgloop]}" >&2
 done

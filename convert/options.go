@@ -39,6 +39,18 @@ type Options struct {
 	// file) to read into the page cache ahead of the copy, in step with its
 	// progress (see Prefetch). Empty: no prefetching.
 	Prefetch []string
+	// Backed (Clusters only) says that the destination has a backing file
+	// holding the same data as the source's backing chain, as with
+	// qemu-img convert -B: clusters that the source's top layer leaves to
+	// its backing file (extents of Depth > 0) stay unallocated, so that
+	// they read through the destination's backing file, and the other
+	// clusters that read as zeros become zero clusters rather than
+	// unallocated ones, which would expose the backing file.
+	Backed bool
+	// BackingSize is the size of the destination's backing file (with
+	// Backed): past it, unallocated clusters read as zeros, so clusters
+	// the source maps as zeros there stay unallocated too.
+	BackingSize int64
 }
 
 // DefaultWorkers returns the default worker count: two per CPU (so that

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"syscall"
 	"time"
 
@@ -22,13 +23,13 @@ import (
 
 func newConvertCmd() *cobra.Command {
 	var src imageFlags
-	var outFormat, cache string
+	var outFormat, cache, backing, backingFmt string
 	var progress, compress bool
 	var createOpts []string
 	var workers, chunk int
 	var sparse int64
 	cmd := &cobra.Command{
-		Use:   "convert [-f FMT] [--snapshot ID|NAME] [-O raw|qcow2] [-c] [-o OPTIONS] [-p] [-j N] [-S BYTES] [-t CACHE] SRC DST",
+		Use:   "convert [-f FMT] [--snapshot ID|NAME] [-O raw|qcow2] [-c] [-o OPTIONS] [-B BACKING -F BACKING_FMT] [-p] [-j N] [-S BYTES] [-t CACHE] SRC DST",
 		Short: "Copy an image's disk into a sparse raw file or a new qcow2 image (as qemu-img convert)",
 		Long: "convert writes the virtual disk of SRC to DST as a raw image (-O raw, the\n" +
 			"default) or a qcow2 image (-O qcow2). Ranges that read as zeros are left\n" +
@@ -37,8 +38,13 @@ func newConvertCmd() *cobra.Command {
 			"With -O qcow2, -c compresses the clusters (those that shrink) with the\n" +
 			"image's compression type, and -o takes qemu-img's creation options as\n" +
 			"name=value pairs separated by commas (cluster_size, compat, refcount_bits,\n" +
-			"lazy_refcounts, extended_l2, compression_type; backing files, data files\n" +
-			"and preallocation are not supported).",
+			"lazy_refcounts, extended_l2, compression_type, backing_file, backing_fmt;\n" +
+			"data files and preallocation are not supported).\n\n" +
+			"-B BACKING -F BACKING_FMT (-O qcow2) gives DST that backing file, taken to\n" +
+			"hold what SRC's backing chain holds (as qemu-img convert -B): only what\n" +
+			"SRC's own layer defines is copied; the rest reads through BACKING. A\n" +
+			"relative BACKING is stored as given and resolved against DST's folder.\n\n" +
+			"On failure or interruption a qcow2 DST is removed.",
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var qcowOpts map[string]string
@@ -50,9 +56,15 @@ func newConvertCmd() *cobra.Command {
 				if len(createOpts) > 0 {
 					return fmt.Errorf("-o: no options are supported with -O raw")
 				}
+				if backing != "" || backingFmt != "" {
+					return fmt.Errorf("-B/-F: a backing file needs -O qcow2")
+				}
 			case "qcow2":
 				var err error
 				if qcowOpts, err = parseCreateOptions(createOpts); err != nil {
+					return err
+				}
+				if err := mergeBacking(qcowOpts, backing, backingFmt); err != nil {
 					return err
 				}
 			default:
@@ -90,9 +102,13 @@ func newConvertCmd() *cobra.Command {
 	cmd.Flags().StringVarP(&outFormat, "output-format", "O", "raw", "output format (raw or qcow2)")
 	cmd.Flags().BoolVarP(&compress, "compress", "c", false, "compress the output's clusters (-O qcow2)")
 	cmd.Flags().StringArrayVarP(&createOpts, "options", "o", nil, "output image `OPTIONS` (-O qcow2), name=value pairs separated by commas")
+	cmd.Flags().StringVarP(&backing, "backing", "B", "", "backing file of DST (-O qcow2); only what SRC's top layer defines is copied")
+	cmd.Flags().StringVarP(&backing, "backing-file", "b", "", "same as -B (qemu-img 10.1 spelling)")
+	_ = cmd.Flags().MarkHidden("backing-file")
+	cmd.Flags().StringVarP(&backingFmt, "backing-format", "F", "", "format of the backing file (needed with -B)")
 	cmd.Flags().BoolVarP(&progress, "progress", "p", false, "show a progress bar on stderr")
 	cmd.Flags().IntVarP(&workers, "jobs", "j", 0, "parallel readers (default: 2 per CPU, at least 4)")
-	cmd.Flags().Int64VarP(&sparse, "sparse-size", "S", convert.DefaultSparseSize, "leave all-zero runs of this many `bytes` as holes (0: off)")
+	cmd.Flags().Int64VarP(&sparse, "sparse-size", "S", convert.DefaultSparseSize, "leave all-zero runs of this many `bytes` as holes (0: off; a qcow2 DST is then fully allocated)")
 	cmd.Flags().StringVarP(&cache, "cache", "t", cacheWriteback,
 		"destination cache mode: writeback (written back during the copy, fsync at the end) or unsafe (no sync, as qemu-img's default)")
 	cmd.Flags().IntVar(&chunk, "chunk-size", 0, "read size in bytes (default 1 MiB)")
@@ -175,19 +191,85 @@ func progressBar(w io.Writer, size int64) (func(int64), func()) {
 	}
 }
 
+// mergeBacking puts -B and -F into the qcow2 creation options, which
+// may name the backing file too (-o backing_file=,backing_fmt=).
+func mergeBacking(opts map[string]string, backing, backingFmt string) error {
+	for _, o := range []struct{ flag, key, val string }{{"-B", "backing_file", backing}, {"-F", "backing_fmt", backingFmt}} {
+		if o.val == "" {
+			continue
+		}
+		if v, ok := opts[o.key]; ok && v != o.val {
+			return fmt.Errorf("%s %s conflicts with -o %s=%s", o.flag, o.val, o.key, v)
+		}
+		opts[o.key] = o.val
+	}
+	if opts["backing_fmt"] != "" && opts["backing_file"] == "" {
+		return fmt.Errorf("-F: a backing format needs a backing file (-B)")
+	}
+	return nil
+}
+
+// openBacking opens the backing file named in the creation options of
+// the qcow2 image to be created at dst (resolved against dst's folder),
+// as qemu-img does to check it. It returns its size and the host files
+// of its chain, or no files when there is no backing file.
+func openBacking(dst string, qcowOpts map[string]string) (int64, []string, error) {
+	name, format := qcowOpts["backing_file"], qcowOpts["backing_fmt"]
+	if name == "" {
+		return 0, nil, nil
+	}
+	full := disk.ResolveName(dst, name)
+	if format == "" {
+		detected := "unknown"
+		if f, err := hostfile.Open(full, true); err == nil {
+			var hdr [disk.ProbeSize]byte
+			n, _ := f.ReadAt(hdr[:], 0)
+			f.Close()
+			if d, err := disk.Detect(hdr[:n]); err == nil {
+				detected = d.Name()
+			}
+		} else {
+			return 0, nil, fmt.Errorf("backing file: %w", err)
+		}
+		return 0, nil, fmt.Errorf("backing file %s given without a backing format (detected %s; give -F %s)", name, detected, detected)
+	}
+	parent := dst
+	if a, err := filepath.Abs(dst); err == nil {
+		parent = a
+	}
+	img, err := disk.Open(full, disk.OpenOptions{Format: format, ReadOnly: true, Parents: []string{parent}})
+	if err != nil {
+		return 0, nil, fmt.Errorf("could not open backing file %s: %w", name, err)
+	}
+	defer img.Close()
+	return img.Size(), sourceFiles(full, img), nil
+}
+
 // convertQcow2 copies the disk of the image at src to a new qcow2 image
 // at dst, created with the qemu-img options qcowOpts, written in one pass
 // by a qcow2.StreamWriter; compress stores clusters compressed where
-// that pays. The image is synced at the end if sync is set; progress, if
-// not nil, receives a progress bar.
-func convertQcow2(ctx context.Context, src, dst string, open disk.OpenOptions, opts convert.Options, qcowOpts map[string]string, compress, sync bool, progress io.Writer) error {
+// that pays. With a backing file in qcowOpts only what the source's top
+// layer defines is copied (convert.Options.Backed). The image is synced
+// at the end if sync is set; progress, if not nil, receives a progress
+// bar. On failure or interruption the new image is removed.
+func convertQcow2(ctx context.Context, src, dst string, open disk.OpenOptions, opts convert.Options, qcowOpts map[string]string, compress, sync bool, progress io.Writer) (err error) {
 	img, err := disk.Open(src, open)
 	if err != nil {
 		return err
 	}
 	defer img.Close()
 	files := sourceFiles(src, img)
-	if err := checkDestination(dst, files); err != nil {
+	backingSize, backingFiles, err := openBacking(dst, qcowOpts)
+	if err != nil {
+		return err
+	}
+	if backingFiles != nil {
+		opts.Backed, opts.BackingSize = true, backingSize
+	}
+	if err := checkDestination(dst, append(append([]string(nil), files...), backingFiles...)); err != nil {
+		return err
+	}
+	if err := qcow2.CheckStreamOptions(img.Size(), qcowOpts); err != nil {
 		return err
 	}
 	opts.Prefetch = files[:1]
@@ -198,14 +280,22 @@ func convertQcow2(ctx context.Context, src, dst string, open disk.OpenOptions, o
 	if err != nil {
 		return err
 	}
-	defer f.Close()
+	defer func() {
+		if err != nil {
+			f.Close()
+			if rerr := os.Remove(dst); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
+				err = fmt.Errorf("%w; the incomplete %s could not be removed: %v", err, dst, rerr)
+			} else {
+				err = fmt.Errorf("%w; the incomplete %s was removed", err, dst)
+			}
+		}
+	}()
 	var file disk.File = f
 	if !sync {
 		file = noSyncFile{f}
 	}
 	w, err := qcow2.NewStreamWriter(file, img.Size(), qcowOpts)
 	if err != nil {
-		os.Remove(dst)
 		return err
 	}
 	if progress != nil {
@@ -217,7 +307,7 @@ func convertQcow2(ctx context.Context, src, dst string, open disk.OpenOptions, o
 	defer stop()
 	if _, err := convert.Clusters(ctx, img, w, compress, opts); err != nil {
 		if errors.Is(err, context.Canceled) {
-			return fmt.Errorf("interrupted; %s is incomplete", dst)
+			return errors.New("interrupted")
 		}
 		return err
 	}

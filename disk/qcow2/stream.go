@@ -15,7 +15,8 @@ import (
 // conversions. Data clusters are appended from cluster 1 in guest order;
 // each L2 table is appended once the guest clusters it maps are all
 // written; Close appends the L1 table, the refcount blocks and the
-// refcount table, and writes the header into cluster 0 last.
+// refcount table, and writes the header (with the backing file name and
+// format, if any) into cluster 0 last.
 
 // streamBufSize is the size of the write buffer: appended bytes are
 // written to the file in runs of this size.
@@ -27,8 +28,9 @@ const deflateWindow = 4096
 
 // StreamWriter writes a new qcow2 image in one pass: the guest clusters
 // that hold data, in increasing order, then the metadata on Close. Guest
-// clusters never written stay unallocated (they read as zeros). It is
-// not safe for concurrent use, except Compress.
+// clusters never written stay unallocated: they read as zeros, or through
+// the backing file when the image has one. It is not safe for concurrent
+// use, except Compress.
 type StreamWriter struct {
 	f      disk.File
 	p      *createParams
@@ -63,31 +65,19 @@ type sharedRef struct {
 }
 
 // streamUnsupported lists the creation options a StreamWriter refuses.
-var streamUnsupported = []string{"backing_file", "backing_fmt", "data_file", "data_file_raw"}
+var streamUnsupported = []string{"data_file", "data_file_raw"}
 
 // NewStreamWriter starts a qcow2 image of size bytes (rounded up to 512)
 // in f, which must be empty (new or truncated). opts are qemu-img's
-// creation options (see Driver.Create); backing files, external data
-// files and preallocation other than off are not supported.
+// creation options (see Driver.Create); external data files and
+// preallocation other than off are not supported. A backing file
+// (backing_file) needs its format (backing_fmt), as qemu-img convert
+// wants; the writer stores both in the header but does not open the
+// backing file: the caller checks that it exists and has that format.
 func NewStreamWriter(f disk.File, size int64, opts map[string]string) (*StreamWriter, error) {
-	p, err := parseCreateOptions(opts)
+	p, err := streamParams(size, opts)
 	if err != nil {
 		return nil, err
-	}
-	for _, k := range streamUnsupported {
-		if _, ok := opts[k]; ok {
-			return nil, &disk.UnsupportedError{Format: formatName, Feature: "option " + k + " when converting"}
-		}
-	}
-	if size < 0 || size > disk.MaxCreateSize {
-		return nil, optErr("image size %d out of range", size)
-	}
-	p.size = size
-	if err := p.check(); err != nil {
-		return nil, err
-	}
-	if p.prealloc != disk.PreallocOff {
-		return nil, &disk.UnsupportedError{Format: formatName, Feature: "preallocation=" + p.prealloc + " when converting"}
 	}
 	cs := int64(1) << p.clusterBits
 	w := &StreamWriter{
@@ -105,11 +95,50 @@ func NewStreamWriter(f disk.File, size int64, opts map[string]string) (*StreamWr
 	if p.refcountOrder == 6 {
 		w.maxRef = ^uint64(0)
 	}
-	// Check now that the header fits in a cluster.
-	if _, err := p.encodeHeader(&createLayout{cs: cs, l1Size: int64(len(w.l1))}); err != nil {
+	return w, nil
+}
+
+// CheckStreamOptions reports the error NewStreamWriter would return for
+// an image of size bytes with the creation options opts, without a file:
+// callers check the options before creating (and truncating) the file.
+func CheckStreamOptions(size int64, opts map[string]string) error {
+	_, err := streamParams(size, opts)
+	return err
+}
+
+// streamParams parses and checks the creation options of a StreamWriter.
+func streamParams(size int64, opts map[string]string) (*createParams, error) {
+	p, err := parseCreateOptions(opts)
+	if err != nil {
 		return nil, err
 	}
-	return w, nil
+	for _, k := range streamUnsupported {
+		if _, ok := opts[k]; ok {
+			return nil, &disk.UnsupportedError{Format: formatName, Feature: "option " + k + " when converting"}
+		}
+	}
+	switch {
+	case p.backingFile == "" && p.backingFmt != "":
+		return nil, optErr("backing_fmt %q given without a backing file", p.backingFmt)
+	case p.backingFile != "" && p.backingFmt == "":
+		return nil, optErr("use of a backing file requires an explicit backing format (backing_fmt)")
+	}
+	if size < 0 || size > disk.MaxCreateSize {
+		return nil, optErr("image size %d out of range", size)
+	}
+	p.size = size
+	if err := p.check(); err != nil {
+		return nil, err
+	}
+	if p.prealloc != disk.PreallocOff {
+		return nil, &disk.UnsupportedError{Format: formatName, Feature: "preallocation=" + p.prealloc + " when converting"}
+	}
+	// Check now that the header fits in a cluster.
+	cs := int64(1) << p.clusterBits
+	if _, err := p.encodeHeader(&createLayout{cs: cs, l1Size: p.l1Size()}); err != nil {
+		return nil, err
+	}
+	return p, nil
 }
 
 // ClusterSize returns the image's cluster size: WriteCluster takes
@@ -185,6 +214,90 @@ func (w *StreamWriter) WriteCompressed(index int64, compressed []byte) error {
 	sectors := uint64((off+n-1)>>9 - off>>9)
 	x := 62 - (w.p.clusterBits - 8)
 	w.putL2(index, entryCompressed|sectors<<x|uint64(off), 0)
+	w.next = index + 1
+	return w.err
+}
+
+// WriteZero makes guest cluster index read as zeros without storing
+// data: a zero cluster (version 3 images; with extended L2 entries, every
+// subcluster reads as zeros), which hides the backing file's data there.
+// Version 2 images have no zero clusters: WriteZero then returns an
+// error matching disk.ErrNotSupported, and the caller writes a cluster
+// of zeros instead. Indexes must increase from call to call.
+func (w *StreamWriter) WriteZero(index int64) error {
+	if err := w.checkIndex(index); err != nil {
+		return err
+	}
+	if w.p.version < 3 {
+		return fmt.Errorf("qcow2: stream writer: zero clusters in a version 2 image: %w", disk.ErrNotSupported)
+	}
+	if err := w.setL2(index); err != nil {
+		return err
+	}
+	if w.p.extendedL2 {
+		w.putL2(index, 0, bitmapAllocMask<<32)
+	} else {
+		w.putL2(index, entryZero, 0)
+	}
+	w.next = index + 1
+	return w.err
+}
+
+// Subclusters returns the number of subclusters of a cluster that
+// WriteSubclusters can allocate on their own: 32 with extended L2
+// entries, otherwise 1.
+func (w *StreamWriter) Subclusters() int {
+	if w.p.extendedL2 {
+		return 32
+	}
+	return 1
+}
+
+// WriteSubclusters stores guest cluster index (data: one cluster) with
+// only the subclusters of alloc (bit i: subcluster i) allocated; those of
+// zero read as zeros, and the others are unallocated (they read through
+// the backing file, or as zeros without one). The cluster takes a host
+// cluster only if alloc is not 0. It needs extended L2 entries (see
+// Subclusters), except for alloc and zero both all ones or 0. Indexes
+// must increase from call to call.
+func (w *StreamWriter) WriteSubclusters(index int64, data []byte, alloc, zero uint32) error {
+	if err := w.checkIndex(index); err != nil {
+		return err
+	}
+	if alloc&zero != 0 {
+		return fmt.Errorf("qcow2: stream writer: cluster %d: subclusters %#x both allocated and zero", index, alloc&zero)
+	}
+	if !w.p.extendedL2 {
+		switch {
+		case alloc == ^uint32(0):
+			return w.WriteCluster(index, data)
+		case zero == ^uint32(0):
+			return w.WriteZero(index)
+		case alloc == 0 && zero == 0:
+			w.next = index + 1
+			return nil
+		}
+		return fmt.Errorf("qcow2: stream writer: cluster %d: subclusters without extended L2 entries", index)
+	}
+	if alloc == 0 {
+		if zero != 0 {
+			if err := w.setL2(index); err != nil {
+				return err
+			}
+			w.putL2(index, 0, uint64(zero)<<32)
+		}
+		w.next = index + 1
+		return w.err
+	}
+	if int64(len(data)) != w.cs {
+		return fmt.Errorf("qcow2: stream writer: cluster %d of %d bytes, want %d", index, len(data), w.cs)
+	}
+	if err := w.setL2(index); err != nil {
+		return err
+	}
+	host := w.alignCluster()
+	w.append(data)
+	w.putL2(index, uint64(host)|entryCopied, uint64(alloc)|uint64(zero)<<32)
 	w.next = index + 1
 	return w.err
 }
@@ -444,7 +557,10 @@ var zstdEncoder = sync.OnceValues(func() (*zstd.Encoder, error) {
 	return zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedDefault),
 		// Entropy-code literals even in blocks without matches, as
 		// zstd does: text without repeats then still shrinks.
-		zstd.WithAllLitEntropyCompression(true))
+		zstd.WithAllLitEntropyCompression(true),
+		// No frame checksum, as QEMU writes its frames (zstd's default):
+		// hashing the cluster took a third of the time.
+		zstd.WithEncoderCRC(false))
 })
 
 // compressZstd compresses data as one zstd frame.

@@ -2,6 +2,7 @@ package qcow2
 
 import (
 	"bytes"
+	"errors"
 	"math/rand/v2"
 	"os/exec"
 	"path/filepath"
@@ -167,7 +168,9 @@ func TestStreamWriterErrors(t *testing.T) {
 		name string
 		opts map[string]string
 	}{
-		{"backing", map[string]string{"backing_file": "x", "backing_fmt": "raw"}},
+		{"backing-no-format", map[string]string{"backing_file": "x"}},
+		{"format-no-backing", map[string]string{"backing_fmt": "raw"}},
+		{"backing-name-too-long", map[string]string{"backing_file": strings.Repeat("x", 1100), "backing_fmt": "raw", "cluster_size": "1k"}},
 		{"data-file", map[string]string{"data_file": "x"}},
 		{"prealloc", map[string]string{"preallocation": "metadata"}},
 		{"bad-cluster", map[string]string{"cluster_size": "3k"}},
@@ -204,6 +207,7 @@ func TestStreamWriterErrors(t *testing.T) {
 		func() error { return w.WriteCluster(5, c[:10]) }, // short
 		func() error { return w.WriteCompressed(6, nil) }, // empty
 		func() error { return w.WriteCompressed(7, c) },   // not smaller
+		func() error { return w.WriteZero(2) },            // not increasing
 	} {
 		if err := bad(); err == nil {
 			t.Error("no error")
@@ -249,5 +253,133 @@ sys.stdout.write(str(len(d)))`)
 	res, err := cmd.CombinedOutput()
 	if err != nil || strings.TrimSpace(string(res)) != "65536" {
 		t.Fatalf("zlib with a 4 KiB window: %v: %s", err, res)
+	}
+}
+
+// BenchmarkCompress measures Compress on 64 KiB clusters of compressible
+// text (the bench/convert-qcow2.sh data), per compression type.
+func BenchmarkCompress(b *testing.B) {
+	data := qemutest.Compressible(3, 64<<10)
+	for _, typ := range []string{"zlib", "zstd"} {
+		b.Run(typ, func(b *testing.B) {
+			f, err := hostfile.Create(filepath.Join(b.TempDir(), "x.qcow2"))
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer f.Close()
+			w, err := NewStreamWriter(f, 1<<30, map[string]string{"compression_type": typ})
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.SetBytes(int64(len(data)))
+			b.RunParallel(func(pb *testing.PB) {
+				var dst []byte
+				for pb.Next() {
+					var ok bool
+					if dst, ok = w.Compress(dst[:0], data); !ok {
+						b.Error("not compressed")
+						return
+					}
+				}
+			})
+		})
+	}
+}
+
+// TestStreamWriterBacking writes an image over a backing file: clusters
+// left out read the backing file's data, zero clusters hide it, and the
+// header names the backing file and its format.
+func TestStreamWriterBacking(t *testing.T) {
+	qemutest.Require(t, "qemu-img", "qemu-io")
+	for _, tc := range []struct {
+		name string
+		opts string
+	}{
+		{"v3", ""},
+		{"extended-l2", "extended_l2=on"},
+		{"4k", "cluster_size=4k"},
+		{"v2", "compat=0.10"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			base := filepath.Join(dir, "base.raw")
+			qemutest.Create(t, base, "raw", "", "1M")
+			qemutest.IO(t, base, "raw", "write -P 0x77 0 1M")
+			opts := map[string]string{"backing_file": "base.raw", "backing_fmt": "raw"}
+			for _, kv := range strings.Split(tc.opts, ",") {
+				if k, v, ok := strings.Cut(kv, "="); ok {
+					opts[k] = v
+				}
+			}
+			path := filepath.Join(dir, "top.qcow2")
+			f, err := hostfile.Create(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			w, err := NewStreamWriter(f, 1<<20, opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			cs := int64(w.ClusterSize())
+			want := bytes.Repeat([]byte{0x77}, 1<<20)
+			data := bytes.Repeat([]byte{0x12}, int(cs))
+			// Cluster 1: data; cluster 3: zeros; the others: the backing file.
+			if err := w.WriteCluster(1, data); err != nil {
+				t.Fatal(err)
+			}
+			copy(want[cs:], data)
+			err = w.WriteZero(3)
+			if opts["compat"] == "0.10" {
+				if !errors.Is(err, disk.ErrNotSupported) {
+					t.Fatalf("WriteZero in a v2 image: %v", err)
+				}
+				err = w.WriteCluster(3, make([]byte, cs))
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			clear(want[3*cs : 4*cs])
+			// Cluster 5, with subclusters: the first half allocated, the
+			// last quarter zeros, the rest the backing file's data.
+			half := bytes.Repeat([]byte{0x34}, int(cs))
+			err = w.WriteSubclusters(5, half, 0x0000ffff, 0xff000000)
+			if w.Subclusters() == 1 {
+				if err == nil {
+					t.Fatal("subclusters without extended L2 entries: no error")
+				}
+			} else {
+				if err != nil {
+					t.Fatal(err)
+				}
+				copy(want[5*cs:5*cs+cs/2], half)
+				clear(want[5*cs+cs*3/4 : 6*cs])
+				if err := w.WriteSubclusters(6, half, 1, 1); err == nil {
+					t.Fatal("a subcluster both allocated and zero: no error")
+				}
+				// Cluster 7: zeros in its first subcluster only, no data.
+				if err := w.WriteSubclusters(7, nil, 0, 1); err != nil {
+					t.Fatal(err)
+				}
+				clear(want[7*cs : 7*cs+cs/32])
+			}
+			if err := w.Close(); err != nil {
+				t.Fatal(err)
+			}
+			out := qemutest.Img(t, "check", "-f", "qcow2", path)
+			if !strings.Contains(out, "No errors were found") || strings.Contains(out, "leaked") {
+				t.Fatalf("qemu-img check:\n%s", out)
+			}
+			info := qemutest.Info(t, path)
+			if info["backing-filename"] != "base.raw" || info["backing-filename-format"] != "raw" {
+				t.Fatalf("backing file %v, format %v", info["backing-filename"], info["backing-filename-format"])
+			}
+			if got := qemutest.RawBytes(t, path); !bytes.Equal(got, want) {
+				t.Fatalf("qemu-img reads a different disk (first difference at %#x)", qemutest.FirstDiff(got, want))
+			}
+			if got := readImage(t, path); !bytes.Equal(got, want) {
+				t.Fatalf("imgloop reads a different disk (first difference at %#x)", qemutest.FirstDiff(got, want))
+			}
+		})
 	}
 }
