@@ -226,35 +226,29 @@ func (a *allocator) adjust(c uint64, delta int) error {
 	return nil
 }
 
-// free returns the index of a free host cluster, the lowest one from
-// freeHint on, or the next one at the end of the file. It does not take
-// the cluster.
+// free returns the index of a free host cluster: the lowest one from
+// freeHint on whose refcount is 0 and that holds no metadata. Past the
+// end of the file only clusters without a refcount block are taken on
+// trust: a crash may leave a refcount for a cluster whose data never
+// reached the file. It does not take the cluster.
 func (a *allocator) free() (uint64, error) {
-	endC := uint64(a.end >> a.cb)
 	bb := a.t.blockBits()
-	for c := a.freeHint; c < endC; {
+	for c := a.freeHint; ; {
 		b, err := a.block(c>>bb, false)
 		if err != nil {
 			return 0, err
 		}
-		blockEnd := min((c>>bb+1)<<bb, endC)
-		if b == nil {
-			if !a.isMeta(int64(c<<a.cb), a.cs) {
-				a.freeHint = c
-				return c, nil
-			}
-			c++
-			continue
-		}
+		blockEnd := (c>>bb + 1) << bb
 		for ; c < blockEnd; c++ {
-			if refcountEntry(b.data, a.t.order, c&(1<<bb-1)) == 0 && !a.isMeta(int64(c<<a.cb), a.cs) {
+			if (b == nil || refcountEntry(b.data, a.t.order, c&(1<<bb-1)) == 0) && !a.isMeta(int64(c<<a.cb), a.cs) {
 				a.freeHint = c
 				return c, nil
 			}
+		}
+		if int64(c)<<a.cb > int64(offsetMask) {
+			return 0, &disk.UnsupportedError{Format: formatName, Feature: "growing the image file past 2^56 bytes"}
 		}
 	}
-	a.freeHint = endC
-	return endC, nil
 }
 
 // take allocates one host cluster (refcount 1) and returns its offset.

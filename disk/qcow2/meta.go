@@ -422,8 +422,11 @@ func (img *Image) Flush() error {
 // clears the dirty bit of a lazy-refcounts image.
 func (img *Image) flushOnClose() error {
 	w := img.w
-	if w == nil || w.alloc == nil || !w.started.Load() || w.failed.Load() != nil {
+	if w == nil || w.alloc == nil || !w.started.Load() {
 		return nil
+	}
+	if err := w.failed.Load(); err != nil {
+		return fmt.Errorf("qcow2: close: writes since the last flush may be lost: the image's write side stopped: %w", *err)
 	}
 	w.mu.Lock()
 	defer w.mu.Unlock()

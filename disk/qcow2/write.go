@@ -354,7 +354,9 @@ func (img *Image) writeAllocLocked(p []byte, pos int64) (_ int, changed bool, _ 
 			b = p[start : start+int64(j-i)*cs]
 		}
 		if _, err := img.data.WriteAt(b, pieces[i].host); err != nil {
-			return 0, true, fmt.Errorf("qcow2: writing data at %#x: %w", pieces[i].host, err)
+			// No table points at the new clusters yet: they only leak,
+			// and the write side can go on.
+			return 0, false, fmt.Errorf("qcow2: writing data at %#x: %w", pieces[i].host, err)
 		}
 		i = j
 	}
