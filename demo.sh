@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# demo.sh: build imgloop, make a small qcow2 image with qemu-img and
-# qemu-io, and run imgloop info, map and convert on it.
+# demo.sh: build imgloop; create a small qcow2 image and an overlay on
+# it, write to them with qemu-io, and run imgloop info, map, resize,
+# convert (to compressed qcow2 and to raw) and check on them, comparing
+# the result with qemu-img's.
 set -euo pipefail
 root=$(cd "$(dirname "$0")" && pwd)
 
@@ -19,15 +21,22 @@ trap 'rm -rf "$dir"' EXIT
 
 (cd "$root" && go build -o "$dir/imgloop" ./cmd/imgloop)
 cd "$dir"
-qemu-img create -q -f qcow2 demo.qcow2 64M
-qemu-io -f qcow2 -c 'write -P 0xab 0 1M' -c 'write -z 8M 1M' -c 'write -P 0xcd 32M 64k' demo.qcow2 >/dev/null
-
 set -x
-./imgloop info demo.qcow2
-./imgloop map demo.qcow2
-./imgloop map --output=json demo.qcow2
-./imgloop map --offset 33554433 demo.qcow2
-./imgloop convert -p -O raw demo.qcow2 demo.raw
+./imgloop create -f qcow2 base.qcow2 64M
 { set +x; } 2>/dev/null
-qemu-img convert -O raw demo.qcow2 qemu.raw
-cmp demo.raw qemu.raw && echo "demo.raw is identical to qemu-img's output; allocated: $(du -h demo.raw | cut -f1) of 64M"
+qemu-io -f qcow2 -c 'write -P 0xab 0 1M' -c 'write -P 0xcd 32M 64k' base.qcow2 >/dev/null
+set -x
+./imgloop create -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2
+{ set +x; } 2>/dev/null
+qemu-io -f qcow2 -c 'write -P 0xef 512k 1M' -c 'write -z 32M 4k' overlay.qcow2 >/dev/null
+set -x
+./imgloop info overlay.qcow2
+./imgloop map overlay.qcow2
+./imgloop map --offset 33554433 overlay.qcow2
+./imgloop resize overlay.qcow2 +64M
+./imgloop convert -p -c -O qcow2 overlay.qcow2 packed.qcow2
+./imgloop check packed.qcow2
+./imgloop convert -O raw packed.qcow2 demo.raw
+{ set +x; } 2>/dev/null
+qemu-img convert -O raw overlay.qcow2 qemu.raw
+cmp demo.raw qemu.raw && echo "demo.raw is identical to qemu-img's raw copy of overlay.qcow2; packed.qcow2 is $(du -h packed.qcow2 | cut -f1), demo.raw allocates $(du -h demo.raw | cut -f1) of 128M"
