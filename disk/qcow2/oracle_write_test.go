@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/imgloop/imgloop/disk"
@@ -310,5 +311,72 @@ func TestWriteLazyRefcountsCrash(t *testing.T) {
 		t.Fatal("reopening read-write did not repair and clear the dirty bit")
 	}
 	randomOps(t, img, model, nil, 78, 100)
+	finishWrites(t, img, p, model)
+}
+
+// allocatedBytes returns the bytes the file at p occupies on disk.
+func allocatedBytes(t *testing.T, p string) int64 {
+	t.Helper()
+	var st syscall.Stat_t
+	if err := syscall.Stat(p, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Blocks * 512
+}
+
+// TestWriteReuseAndPunch: discarded clusters are punched out of the file
+// once free and reused by later writes (the file does not grow), and
+// write-zeroes with disk.ZeroNoUnmap keeps clusters allocated.
+func TestWriteReuseAndPunch(t *testing.T) {
+	qemutest.Require(t, "qemu-img")
+	p := filepath.Join(t.TempDir(), "img.qcow2")
+	qemutest.Create(t, p, "qcow2", "cluster_size=64k", "16M")
+	img := openRW(t, p)
+	data := bytes.Repeat([]byte{0x5a}, 8<<20)
+	if _, err := img.WriteAt(data, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := img.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	full, _ := img.f.Size()
+	used := allocatedBytes(t, p)
+	if err := img.Discard(0, 4<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := img.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if got := allocatedBytes(t, p); got > used-4<<20+64<<10 {
+		t.Errorf("after discarding 4 MiB the file occupies %d bytes, was %d", got, used)
+	}
+	if _, err := img.WriteAt(data[:4<<20], 8<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := img.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if size, _ := img.f.Size(); size != full {
+		t.Errorf("the file grew from %d to %d bytes: freed clusters were not reused", full, size)
+	}
+	if err := img.WriteZeroes(4<<20, 1<<20, disk.ZeroNoUnmap); err != nil {
+		t.Fatal(err)
+	}
+	e, err := img.Map(4<<20, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := disk.StatusZero | disk.StatusAllocated; e.Status&want != want || e.HostOffset < 0 {
+		t.Errorf("after WriteZeroes(NoUnmap) the range maps as %+v, want allocated zeros", e)
+	}
+	if err := img.WriteZeroes(5<<20, 1<<20, 0); err != nil {
+		t.Fatal(err)
+	}
+	if e, err = img.Map(5<<20, 1<<20); err != nil || e.Status&disk.StatusZero == 0 {
+		t.Errorf("after WriteZeroes the range maps as %+v, %v, want zeros", e, err)
+	}
+	model := make([]byte, 16<<20)
+	copy(model[6<<20:8<<20], data)
+	copy(model[8<<20:], data[:4<<20])
 	finishWrites(t, img, p, model)
 }
