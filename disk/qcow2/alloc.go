@@ -410,7 +410,8 @@ func (a *allocator) writeBack(final bool) error {
 		b.dirty = false
 	}
 	if len(a.newEntries) == 0 && a.moved == nil {
-		return a.trimBlocks()
+		a.trimBlocks()
+		return nil
 	}
 	if err := a.img.syncFiles(); err != nil {
 		return err
@@ -444,7 +445,8 @@ func (a *allocator) writeBack(final bool) error {
 		if err := a.release(m.oldOff, m.oldN); err != nil {
 			return err
 		}
-		return a.trimBlocks()
+		a.trimBlocks()
+		return nil
 	}
 	var b [8]byte
 	for i := range a.newEntries {
@@ -454,20 +456,20 @@ func (a *allocator) writeBack(final bool) error {
 		}
 	}
 	clear(a.newEntries)
-	return a.trimBlocks()
+	a.trimBlocks()
+	return nil
 }
 
 // trimBlocks forgets unchanged blocks beyond maxCleanRefblocks.
-func (a *allocator) trimBlocks() error {
+func (a *allocator) trimBlocks() {
 	if len(a.blocks) <= maxCleanRefblocks {
-		return nil
+		return
 	}
 	for i, b := range a.blocks {
 		if !b.dirty {
 			delete(a.blocks, i)
 		}
 	}
-	return nil
 }
 
 // dirty reports whether refcount changes wait to be written.

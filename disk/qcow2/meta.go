@@ -263,6 +263,15 @@ func (w *writer) metaDirty() bool {
 	return len(w.dirtyL1) > 0 || len(w.dirtyL2) > 0 || len(w.pendingFree) > 0 || (!w.lazy && w.alloc.dirty())
 }
 
+// limitDirty flushes the metadata when too many L2 slices wait to be
+// written. Called under w.mu.
+func (img *Image) limitDirty() error {
+	if len(img.w.dirtyL2) > maxDirtySlices {
+		return img.flushMeta(false)
+	}
+	return nil
+}
+
 // flushMeta writes the metadata changed in memory (steps A to C above)
 // until nothing is left, and syncs. Called under w.mu.
 func (img *Image) flushMeta(final bool) error {

@@ -118,8 +118,8 @@ func (img *Image) writeInPlace(p []byte, pos int64) (int, error) {
 // inPlace reports whether [in, in+n) of guest cluster ci, whose L2 entry
 // is word and bitmap, can be written in place, and the cluster's host
 // offset. An entry that claims so but points into metadata or past the
-// allocated end of the file is corruption. locked tells whether the
-// caller holds w.mu (else metaMu is taken to read the metadata set).
+// allocated end of the file is corruption. shared tells that the caller
+// does not hold w.mu (metaMu is then taken to read the metadata set).
 func (img *Image) inPlace(ci, word, bitmap uint64, in, n int64, shared bool) (int64, bool, error) {
 	g := &img.geo
 	e, bad := g.decodeL2(word, bitmap)
@@ -185,12 +185,7 @@ func (img *Image) writeAlloc(p []byte, pos int64) (int, error) {
 		}
 		return n, err
 	}
-	if len(w.dirtyL2) > maxDirtySlices {
-		if err := img.flushMeta(false); err != nil {
-			return n, err
-		}
-	}
-	return n, nil
+	return n, img.limitDirty()
 }
 
 // oldCluster is a guest cluster about to be given a new host cluster.

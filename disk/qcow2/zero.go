@@ -118,7 +118,6 @@ func (img *Image) zeroUnits(a, b int64, discard, noUnmap bool) error {
 	g := &img.geo
 	cb := g.clusterBits
 	perSlice := uint64(img.cache.sliceSize / g.entryBytes())
-	w := img.w
 	for a < b {
 		ci0 := uint64(a) >> cb
 		sliceEnd := int64((ci0/perSlice+1)*perSlice) << cb
@@ -133,14 +132,6 @@ func (img *Image) zeroUnits(a, b int64, discard, noUnmap bool) error {
 			}
 		}
 		a = segEnd
-		w.mu.Lock()
-		if len(w.dirtyL2) > maxDirtySlices {
-			err = img.flushMeta(false)
-		}
-		w.mu.Unlock()
-		if err != nil {
-			return err
-		}
 	}
 	return nil
 }
@@ -211,7 +202,7 @@ func (img *Image) zeroSlice(a, b int64, discard, noUnmap bool) ([]span, error) {
 			img.queueFree(e, cs, discard)
 		}
 	}
-	return data, nil
+	return data, img.limitDirty()
 }
 
 // span is a range of bytes.
