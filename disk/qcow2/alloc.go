@@ -172,8 +172,12 @@ func (a *allocator) block(i uint64, create bool) (*refBlock, error) {
 	}
 	// The new block goes at the end of the file; its own refcount is set
 	// once it is registered, so that a block covering itself is found.
-	c := uint64(a.end >> a.cb)
-	a.end += a.cs
+	at, err := a.endRun(1)
+	if err != nil {
+		return nil, err
+	}
+	c := uint64(at >> a.cb)
+	a.end = at + a.cs
 	b := &refBlock{off: c << a.cb, data: make([]byte, a.cs), dirty: true}
 	a.blocks[i] = b
 	t.entries[i] = b.off
@@ -302,14 +306,35 @@ func (a *allocator) takeRun(n int) ([]int64, []bool, error) {
 
 // atEnd allocates n contiguous clusters at the end of the file.
 func (a *allocator) atEnd(n int64) (int64, error) {
-	off := a.end
-	if off+n*a.cs > int64(offsetMask)+1 {
-		return 0, &disk.UnsupportedError{Format: formatName, Feature: "growing the image file past 2^56 bytes"}
+	off, err := a.endRun(n)
+	if err != nil {
+		return 0, err
 	}
-	a.end += n * a.cs
+	a.end = off + n*a.cs
 	for c := off >> a.cb; c < a.end>>a.cb; c++ {
 		if err := a.adjust(uint64(c), 1); err != nil {
 			return 0, err
+		}
+	}
+	return off, nil
+}
+
+// endRun returns the offset of the first n contiguous clusters from the
+// end of the file on that have no refcount (a crash may have kept a
+// refcount block but not the data that was extending the file). It
+// does not take them.
+func (a *allocator) endRun(n int64) (int64, error) {
+	off := a.end
+	for c := off >> a.cb; c < (off>>a.cb)+n; c++ {
+		if off+n*a.cs > int64(offsetMask)+1 {
+			return 0, &disk.UnsupportedError{Format: formatName, Feature: "growing the image file past 2^56 bytes"}
+		}
+		rc, err := a.refcount(uint64(c))
+		if err != nil {
+			return 0, err
+		}
+		if rc != 0 {
+			off = (c + 1) << a.cb
 		}
 	}
 	return off, nil
@@ -366,8 +391,11 @@ func (a *allocator) growTable(i uint64) error {
 		return &disk.UnsupportedError{Format: formatName,
 			Feature: fmt.Sprintf("a refcount table over %d MiB", maxRefcountTableBytes>>20)}
 	}
-	off := a.end
-	a.end += n
+	off, err := a.endRun(n / a.cs)
+	if err != nil {
+		return err
+	}
+	a.end = off + n
 	entries := make([]uint64, n/8)
 	copy(entries, t.entries)
 	t.entries = entries
