@@ -143,8 +143,12 @@ type Image struct {
 	backingFull   string // resolved backing file path
 	backingFormat string // as stored, or as probed
 
-	clusterPool    sync.Pool // *[]byte of one cluster
 	compressedPool sync.Pool // *[]byte of the largest compressed span
+
+	// inflated caches inflated clusters for reads of parts of them,
+	// keyed by the compressed data's host offset; made on first use.
+	inflated     *l2Cache
+	inflatedOnce sync.Once
 
 	w *writer // nil unless opened read-write (see write.go)
 
@@ -235,7 +239,6 @@ func Open(f disk.File, opts disk.OpenOptions) (_ *Image, err error) {
 	}
 	img.initCache(opts.CacheSize)
 	cs := int(img.geo.clusterSize())
-	img.clusterPool.New = func() any { b := make([]byte, cs); return &b }
 	img.compressedPool.New = func() any { b := make([]byte, 2*cs); return &b }
 	if err = img.openBacking(opts); err != nil {
 		return nil, err

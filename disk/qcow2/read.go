@@ -133,9 +133,32 @@ func (img *Image) readData(p []byte, off int64) error {
 }
 
 // readCompressed fills p with part of a compressed cluster: r.length bytes
-// from r.inCluster.
+// from r.inCluster. A whole cluster is inflated straight into p; a part
+// of one goes through a small cache of inflated clusters, so that small
+// sequential reads inflate each cluster once.
 func (img *Image) readCompressed(p []byte, r run) error {
 	cs := img.geo.clusterSize()
+	if r.inCluster == 0 && int64(len(p)) == cs {
+		return img.inflateCluster(p, r)
+	}
+	img.inflatedOnce.Do(func() {
+		img.inflated = newL2Cache(max(inflatedCacheSize, 2*cs), int(cs))
+	})
+	out, err := img.inflated.get(uint64(r.host), func(buf []byte) error { return img.inflateCluster(buf, r) })
+	if err != nil {
+		return err
+	}
+	copy(p, out[r.inCluster:])
+	return nil
+}
+
+// inflatedCacheSize is the size of the cache of inflated clusters (at
+// least 16 clusters).
+const inflatedCacheSize = 4 << 20
+
+// inflateCluster reads the compressed cluster of r and inflates it into
+// out (one cluster).
+func (img *Image) inflateCluster(out []byte, r run) error {
 	clen := min(r.csize, img.geo.fileSize-r.host)
 	inPtr := img.compressedPool.Get().(*[]byte)
 	defer img.compressedPool.Put(inPtr)
@@ -146,18 +169,9 @@ func (img *Image) readCompressed(p []byte, r run) error {
 		}
 		return fmt.Errorf("qcow2: reading compressed cluster at %#x: %w", r.host, err)
 	}
-	out := p
-	if r.inCluster != 0 || int64(len(p)) != cs {
-		outPtr := img.clusterPool.Get().(*[]byte)
-		defer img.clusterPool.Put(outPtr)
-		out = *outPtr
-	}
 	if err := img.inflate(out, in); err != nil {
 		return &disk.FormatError{Format: formatName, Offset: r.host, Corrupt: true,
 			What: fmt.Sprintf("compressed cluster of %d bytes does not inflate to one cluster", clen), Err: err}
-	}
-	if len(out) != len(p) || &out[0] != &p[0] {
-		copy(p, out[r.inCluster:])
 	}
 	return nil
 }
