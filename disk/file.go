@@ -45,3 +45,11 @@ type DataSeeker interface {
 type ZeroRanger interface {
 	ZeroRange(off, n int64) error
 }
+
+// WritebackStarter is implemented by files that can start writing a
+// range back to the disk without waiting for it (sync_file_range
+// SYNC_FILE_RANGE_WRITE): writers of large ranges call it so that the
+// next Sync has less left to do. It is a hint: errors are not reported.
+type WritebackStarter interface {
+	StartWriteback(off, n int64)
+}

@@ -49,6 +49,12 @@ func Create(path string) (*OSFile, error) {
 // New wraps an open *os.File; the OSFile takes ownership of it.
 func New(f *os.File) *OSFile { return &OSFile{f: f} }
 
+// StartWriteback starts writing [off, off+n) back to the disk without
+// waiting (sync_file_range SYNC_FILE_RANGE_WRITE).
+func (o *OSFile) StartWriteback(off, n int64) {
+	_ = unix.SyncFileRange(int(o.f.Fd()), off, n, unix.SYNC_FILE_RANGE_WRITE)
+}
+
 // File returns the underlying *os.File.
 func (o *OSFile) File() *os.File { return o.f }
 

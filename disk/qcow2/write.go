@@ -75,6 +75,7 @@ func (img *Image) writeInPlace(p []byte, pos int64) (int, error) {
 		if _, err := img.data.WriteAt(p[runAt:runAt+runLen], runHost); err != nil {
 			return fmt.Errorf("qcow2: writing data at %#x: %w", runHost, err)
 		}
+		img.startWriteback(runHost, int64(runLen))
 		runLen = 0
 		return nil
 	}
@@ -353,6 +354,7 @@ func (img *Image) writeAllocLocked(p []byte, pos int64) (_ int, changed bool, _ 
 			// and the write side can go on.
 			return 0, false, fmt.Errorf("qcow2: writing data at %#x: %w", pieces[i].host, err)
 		}
+		img.startWriteback(pieces[i].host, int64(len(b)))
 		i = j
 	}
 	if err := img.setEntries(ci0, words, bitmaps); err != nil {
@@ -466,6 +468,21 @@ func (img *Image) fillInPlace(p []byte, pos int64, word uint64, e l2Entry) (int,
 		return 0, err
 	}
 	return len(p), nil
+}
+
+// writebackMin is the smallest data write after which the host file is
+// asked to start writing it back (see disk.WritebackStarter): large
+// writes then reach the disk while more are made, and Flush waits less.
+const writebackMin = 512 << 10
+
+// startWriteback starts the write-back of a large data write.
+func (img *Image) startWriteback(off, n int64) {
+	if n < writebackMin {
+		return
+	}
+	if ws, ok := img.data.(disk.WritebackStarter); ok {
+		ws.StartWriteback(off, n)
+	}
 }
 
 // readOld fills buf with the current content of the guest disk at off;
