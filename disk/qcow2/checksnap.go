@@ -67,19 +67,8 @@ func (c *checker) readSnapshotTable(fix bool) error {
 		if err != nil {
 			return fail("Failed to read snapshot table: %v", err)
 		}
-		s := SnapshotEntry{
-			Offset:        off,
-			L1TableOffset: be.Uint64(hdr[0:]),
-			L1Size:        be.Uint32(hdr[8:]),
-			DateSec:       be.Uint32(hdr[16:]),
-			DateNsec:      be.Uint32(hdr[20:]),
-			VMClockNsec:   be.Uint64(hdr[24:]),
-			VMStateSize:   uint64(be.Uint32(hdr[32:])),
-			ExtraDataSize: be.Uint32(hdr[36:]),
-			DiskSize:      h.Size,
-		}
-		idSize := int64(be.Uint16(hdr[12:]))
-		nameSize := int64(be.Uint16(hdr[14:]))
+		s, idSize, nameSize := decodeSnapshotHeader(hdr, off)
+		s.DiskSize = h.Size
 		off += snapshotHeaderSize
 		truncate := false
 		if s.ExtraDataSize > maxSnapshotExtraData {

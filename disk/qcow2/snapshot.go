@@ -107,18 +107,7 @@ func readSnapshots(f io.ReaderAt, h *Header, fileSize int64) ([]SnapshotEntry, e
 		if err != nil {
 			return nil, readErr(off, "entry header", err)
 		}
-		s := SnapshotEntry{
-			Offset:        off,
-			L1TableOffset: be.Uint64(hdr[0:]),
-			L1Size:        be.Uint32(hdr[8:]),
-			DateSec:       be.Uint32(hdr[16:]),
-			DateNsec:      be.Uint32(hdr[20:]),
-			VMClockNsec:   be.Uint64(hdr[24:]),
-			VMStateSize:   uint64(be.Uint32(hdr[32:])),
-			ExtraDataSize: be.Uint32(hdr[36:]),
-		}
-		idSize := int64(be.Uint16(hdr[12:]))
-		nameSize := int64(be.Uint16(hdr[14:]))
+		s, idSize, nameSize := decodeSnapshotHeader(hdr, off)
 		if s.ExtraDataSize > maxSnapshotExtraData {
 			return nil, entryErr(off+36, "%d bytes of extra data exceed the limit of %d", s.ExtraDataSize, maxSnapshotExtraData)
 		}
@@ -246,4 +235,22 @@ func (s SnapshotEntry) Info() disk.Snapshot {
 		info.ICount = &v
 	}
 	return info
+}
+
+// decodeSnapshotHeader decodes the fixed part of the snapshot table entry
+// at file offset off (hdr holds its snapshotHeaderSize bytes), and returns
+// the lengths of the ID and name that follow the extra data.
+func decodeSnapshotHeader(hdr []byte, off int64) (s SnapshotEntry, idSize, nameSize int64) {
+	be := binary.BigEndian
+	s = SnapshotEntry{
+		Offset:        off,
+		L1TableOffset: be.Uint64(hdr[0:]),
+		L1Size:        be.Uint32(hdr[8:]),
+		DateSec:       be.Uint32(hdr[16:]),
+		DateNsec:      be.Uint32(hdr[20:]),
+		VMClockNsec:   be.Uint64(hdr[24:]),
+		VMStateSize:   uint64(be.Uint32(hdr[32:])),
+		ExtraDataSize: be.Uint32(hdr[36:]),
+	}
+	return s, int64(be.Uint16(hdr[12:])), int64(be.Uint16(hdr[14:]))
 }
