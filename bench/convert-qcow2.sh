@@ -18,16 +18,9 @@ SIZE_MIB=${SIZE_MIB:-1024}
 DROP_CACHES=${DROP_CACHES:-1}
 MODES=${MODES:-plain zlib zstd}
 IMGLOOP_FLAGS=${IMGLOOP_FLAGS:-}
-root=$(cd "$(dirname "$0")/.." && pwd)
-dir=${BENCH_DIR:-$(mktemp -d /tmp/imgloop-bench.XXXXXX)}
-mkdir -p "$dir"
-echo "bench dir: $dir" >&2
-
-if [[ -z ${BUILD_TAGS+set} && -f /usr/include/libdeflate.h ]]; then
-	BUILD_TAGS=libdeflate
-fi
-BUILD_TAGS=${BUILD_TAGS:-}
-(cd "$root" && go build ${BUILD_TAGS:+-tags "$BUILD_TAGS"} -o "$dir/imgloop" ./cmd/imgloop)
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh"
+build_imgloop
 imgloop=$dir/imgloop
 
 src=$dir/compressible.raw
@@ -37,13 +30,6 @@ if [[ ! -s $src ]]; then
 	(set +o pipefail; head -c $((SIZE_MIB * 1024 * 1024 * 3 / 4 + 4096)) /dev/urandom | base64 -w 0 | head -c $((SIZE_MIB * 1024 * 1024)) >"$src")
 fi
 
-drop_caches() {
-	sync
-	if [[ $DROP_CACHES == 1 && -w /proc/sys/vm/drop_caches ]]; then
-		echo 3 >/proc/sys/vm/drop_caches
-	fi
-}
-
 # timed CMD... prints "WALL CPU" in seconds (CPU: user + system, of CMD
 # and its children).
 timed() {
@@ -52,10 +38,6 @@ timed() {
 	cpu=$( { TIMEFORMAT='%U %S'; time "$@" >/dev/null 2>&1; } 2>&1 | awk '{ printf "%.3f", $1 + $2 }')
 	end=$(date +%s.%N)
 	awk -v s="$start" -v e="$end" -v c="$cpu" 'BEGIN { printf "%.3f %s\n", e - s, c }'
-}
-
-median() {
-	sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
 }
 
 mode_args() {

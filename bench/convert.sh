@@ -20,17 +20,9 @@ SIZE_MIB=${SIZE_MIB:-1024}
 DROP_CACHES=${DROP_CACHES:-1}
 IMAGES=${IMAGES:-normal zlib zstd}
 IMGLOOP_FLAGS=${IMGLOOP_FLAGS:-}
-root=$(cd "$(dirname "$0")/.." && pwd)
-dir=${BENCH_DIR:-$(mktemp -d /tmp/imgloop-bench.XXXXXX)}
-mkdir -p "$dir"
-echo "bench dir: $dir" >&2
-
-if [[ -z ${BUILD_TAGS+set} && -f /usr/include/libdeflate.h ]]; then
-	BUILD_TAGS=libdeflate
-fi
-BUILD_TAGS=${BUILD_TAGS:-}
-echo "imgloop build tags: ${BUILD_TAGS:-none}" >&2
-(cd "$root" && go build ${BUILD_TAGS:+-tags "$BUILD_TAGS"} -o "$dir/imgloop" ./cmd/imgloop)
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh"
+build_imgloop
 imgloop=$dir/imgloop
 
 # compressible writes $1 MiB of base64 text (random bytes, so it does not
@@ -67,13 +59,6 @@ make_image() {
 	rm -f "$raw"
 }
 
-drop_caches() {
-	sync
-	if [[ $DROP_CACHES == 1 && -w /proc/sys/vm/drop_caches ]]; then
-		echo 3 >/proc/sys/vm/drop_caches
-	fi
-}
-
 # timed prints the wall time of a command in seconds.
 timed() {
 	local start end
@@ -81,10 +66,6 @@ timed() {
 	"$@" >/dev/null
 	end=$(date +%s.%N)
 	awk -v s="$start" -v e="$end" 'BEGIN { printf "%.3f\n", e - s }'
-}
-
-median() {
-	sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
 }
 
 # The tools timed: qemu-img as is (its default cache mode, unsafe, leaves
