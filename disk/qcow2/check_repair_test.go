@@ -11,8 +11,6 @@ package qcow2_test
 import (
 	"bytes"
 	"encoding/binary"
-	"encoding/json"
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -46,30 +44,7 @@ func checkRepair(t *testing.T, path string, mode qcow2.RepairMode) *qcow2.CheckR
 // its JSON numbers, exit status and standard error.
 func qemuRepair(t *testing.T, path, arg string) (map[string]int64, int, string) {
 	t.Helper()
-	cmd := exec.Command("qemu-img", "check", "-r", arg, "--output=json", path)
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err := cmd.Run()
-	code := 0
-	var ee *exec.ExitError
-	if errors.As(err, &ee) {
-		code = ee.ExitCode()
-	} else if err != nil {
-		t.Fatalf("qemu-img check -r %s: %v", arg, err)
-	}
-	m := map[string]int64{}
-	if stdout.Len() > 0 {
-		var raw map[string]any
-		if err := json.Unmarshal(stdout.Bytes(), &raw); err != nil {
-			t.Fatalf("qemu-img check json: %v\n%s", err, stdout.String())
-		}
-		for k, v := range raw {
-			if f, ok := v.(float64); ok {
-				m[k] = int64(f)
-			}
-		}
-	}
-	return m, code, stderr.String()
+	return runQemuCheck(t, "-r", arg, path)
 }
 
 // clusterBits returns the cluster_bits of the image at path.

@@ -27,7 +27,15 @@ import (
 func qemuCheck(t *testing.T, path string) (map[string]int64, int, string) {
 	t.Helper()
 	qemutest.Require(t, "qemu-img")
-	cmd := exec.Command("qemu-img", "check", "--output=json", path)
+	return runQemuCheck(t, path)
+}
+
+// runQemuCheck runs qemu-img check --output=json with args (options, then
+// the image) and returns the numbers of its JSON report (empty when it
+// printed none), its exit status and its standard error.
+func runQemuCheck(t testing.TB, args ...string) (map[string]int64, int, string) {
+	t.Helper()
+	cmd := exec.Command("qemu-img", append([]string{"check", "--output=json"}, args...)...)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()
@@ -36,7 +44,7 @@ func qemuCheck(t *testing.T, path string) (map[string]int64, int, string) {
 	if errors.As(err, &ee) {
 		code = ee.ExitCode()
 	} else if err != nil {
-		t.Fatalf("qemu-img check: %v", err)
+		t.Fatalf("qemu-img check %v: %v", args, err)
 	}
 	m := map[string]int64{}
 	if stdout.Len() > 0 {

@@ -6,12 +6,10 @@ package qcow2_test
 import (
 	"bytes"
 	"encoding/binary"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime/debug"
 	"slices"
@@ -352,25 +350,9 @@ func (v *crashVerifier) qemuCheck(label string, b []byte, leaksOK bool) bool {
 // returns its numeric JSON fields, exit status and standard error.
 func crashQemuCheck(t testing.TB, path string) (map[string]int64, int, string) {
 	t.Helper()
-	cmd := exec.Command("qemu-img", "check", "-f", "qcow2", "--output=json", path)
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err := cmd.Run()
-	code := 0
-	if ee, ok := err.(*exec.ExitError); ok {
-		code = ee.ExitCode()
-	} else if err != nil {
-		t.Fatalf("qemu-img check: %v", err)
+	m, code, stderr := runQemuCheck(t, "-f", "qcow2", path)
+	if len(m) == 0 {
+		t.Fatalf("qemu-img check exit %d: no JSON report\n%s", code, stderr)
 	}
-	var raw map[string]any
-	if err := json.Unmarshal(stdout.Bytes(), &raw); err != nil {
-		t.Fatalf("qemu-img check exit %d: bad JSON %q: %v\n%s", code, stdout.String(), err, stderr.String())
-	}
-	out := map[string]int64{}
-	for k, v := range raw {
-		if f, ok := v.(float64); ok {
-			out[k] = int64(f)
-		}
-	}
-	return out, code, stderr.String()
+	return m, code, stderr
 }
