@@ -1,6 +1,7 @@
 package disk
 
 import (
+	"context"
 	"fmt"
 	"io"
 )
@@ -11,8 +12,8 @@ import (
 // ErrOutOfRange rather than served short (the virtual disk has a fixed
 // size). An Image never keeps a caller's buffer.
 //
-// All methods are safe for concurrent use; after Close they return
-// ErrClosed.
+// All methods are safe for concurrent use. Close waits for the calls in
+// flight to finish; calls that start after it return ErrClosed.
 type Image interface {
 	io.ReaderAt
 	io.WriterAt
@@ -27,8 +28,12 @@ type Image interface {
 }
 
 // Discarder is implemented by images that can drop the data of a range
-// (the seed's discard). After Discard the range reads as zeros or as the
-// backing file's data, as the format defines.
+// (the seed's discard, NBD_CMD_TRIM). Discard deallocates the whole units
+// of Limits.DiscardAlignment inside [off, off+n), which then read as zeros
+// or as the backing file's data, as the format defines; the unaligned head
+// and tail are left as they are. A discard never allocates data clusters
+// and never writes zero bytes: callers that need the range to read as
+// zeros use WriteZeroes.
 type Discarder interface {
 	Discard(off, n int64) error
 }
@@ -40,10 +45,18 @@ const (
 	// ZeroNoUnmap forbids deallocating the range: it must stay allocated
 	// (NBD's NBD_CMD_FLAG_NO_HOLE).
 	ZeroNoUnmap ZeroFlags = 1 << iota
+	// ZeroFast fails the call with ErrSlowZero, before changing anything,
+	// when some part of the range would have to be written with zero
+	// bytes (NBD_CMD_FLAG_FAST_ZERO).
+	ZeroFast
+	// ZeroFUA makes the zeroing durable before the call returns (forced
+	// unit access, NBD_CMD_FLAG_FUA).
+	ZeroFUA
 )
 
 // ZeroWriter is implemented by images that can make a range read as zeros
-// more cheaply than by writing zero bytes.
+// more cheaply than by writing zero bytes. WriteZeroes honours every
+// ZeroFlags flag.
 type ZeroWriter interface {
 	WriteZeroes(off, n int64, flags ZeroFlags) error
 }
@@ -97,10 +110,14 @@ func Discard(img Image, off, n int64) error {
 }
 
 // WriteZeroes calls img's WriteZeroes, or returns ErrNotSupported (callers
-// may then fall back to writing zero bytes).
+// may then fall back to writing zero bytes), or ErrSlowZero with
+// ZeroFast.
 func WriteZeroes(img Image, off, n int64, flags ZeroFlags) error {
 	if z, ok := img.(ZeroWriter); ok {
 		return z.WriteZeroes(off, n, flags)
+	}
+	if flags&ZeroFast != 0 {
+		return fmt.Errorf("write zeroes: %w", ErrSlowZero)
 	}
 	return fmt.Errorf("write zeroes: %w", ErrNotSupported)
 }
@@ -120,9 +137,17 @@ func Map(img Image, off, n int64) (Extent, error) {
 // Extents calls fn for each extent of img in [off, off+n), in order,
 // merging adjacent extents that fn could not tell apart.
 func Extents(img Image, off, n int64, fn func(Extent) error) error {
+	return extents(context.Background(), img, off, n, fn)
+}
+
+// extents implements Extents and ExtentsContext.
+func extents(ctx context.Context, img Image, off, n int64, fn func(Extent) error) error {
 	var pending Extent
 	end := off + n
 	for off < end {
+		if err := ctx.Err(); err != nil {
+			return mapContextErr(off, err)
+		}
 		e, err := Map(img, off, end-off)
 		if err != nil {
 			return err

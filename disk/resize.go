@@ -10,8 +10,10 @@ import "fmt"
 // file's data past the old end). Shrinking drops the end of the disk;
 // drivers may refuse it when data lies past the new end (qcow2 does).
 //
-// Resize must not run concurrently with any other call on the same
-// Image (reads and writes included): callers quiesce I/O first. Errors
+// Resize is safe to call while other calls are in flight: it waits for
+// them, and calls that start meanwhile wait for it and then see the new
+// size. After a successful Resize, images that implement ResizeNotifier
+// call their watchers with the new size. Errors
 // match ErrReadOnly for an image opened read-only, ErrClosed after
 // Close, and ErrNotSupported (through *UnsupportedError) for images
 // whose format features prevent the resize.
