@@ -53,3 +53,10 @@ type ZeroRanger interface {
 type WritebackStarter interface {
 	StartWriteback(off, n int64)
 }
+
+// SyncWriter is implemented by files that can make one write durable by
+// itself (pwritev2 with RWF_DSYNC): cheaper than a write followed by a
+// Sync of the whole file when other writes are pending.
+type SyncWriter interface {
+	WriteAtSync(p []byte, off int64) (int, error)
+}

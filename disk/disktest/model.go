@@ -57,8 +57,27 @@ func (m *Model) WriteAt(p []byte, off int64) (int, error) {
 	return copy(m.data[off:], p), nil
 }
 
-// Discard zeroes [off, off+n).
-func (m *Model) Discard(off, n int64) error { return m.zero("discard", off, n) }
+// modelUnit is the model's discard alignment (disk.LimitsOf's default).
+const modelUnit = 4096
+
+// Discard zeroes the whole modelUnit blocks of [off, off+n) (the last,
+// partial block of the disk counts as whole), as disk.Discarder asks.
+func (m *Model) Discard(off, n int64) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := m.check("discard", off, n); err != nil {
+		return err
+	}
+	size := int64(len(m.data))
+	a, b := (off+modelUnit-1)/modelUnit*modelUnit, (off+n)/modelUnit*modelUnit
+	if off+n == size {
+		b = size
+	}
+	if a < b {
+		clear(m.data[a:b])
+	}
+	return nil
+}
 
 // WriteZeroes zeroes [off, off+n); flags make no difference to a model.
 func (m *Model) WriteZeroes(off, n int64, _ disk.ZeroFlags) error {

@@ -62,7 +62,16 @@ func RandomOps(t testing.TB, seed uint64, img disk.Image, model *Model, n int) {
 			if err != nil {
 				fail("Discard: %v", err)
 			}
-			model.Discard(off, k)
+			// Only the whole units of the image's discard alignment
+			// are discarded (disk.Discarder).
+			unit := disk.LimitsOf(img).DiscardAlignment
+			a, b := (off+unit-1)/unit*unit, (off+k)/unit*unit
+			if off+k == size {
+				b = size
+			}
+			if a < b {
+				model.WriteZeroes(a, b-a, 0)
+			}
 		case p < 60 && canZero:
 			flags := disk.ZeroFlags(0)
 			if r.IntN(2) == 0 {

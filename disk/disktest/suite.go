@@ -545,7 +545,10 @@ func (s *suite) zeroes(t *testing.T) {
 				want := readRange(t, img, lo, hi-lo, 1<<20)
 				err := op.do(img, q.off, q.n)
 				if errors.Is(err, disk.ErrNotSupported) {
-					if i == 0 {
+					// A discard of less than a unit does nothing, so
+					// a host file that cannot punch holes may be
+					// found out only by a later one.
+					if i == 0 || op.name == "Discard" {
 						t.Skipf("%s: %v", op.name, err)
 					}
 					t.Fatalf("%s(%d, %d): ErrNotSupported after earlier calls succeeded: %v", op.name, q.off, q.n, err)
@@ -554,7 +557,19 @@ func (s *suite) zeroes(t *testing.T) {
 					t.Fatalf("%s(%d, %d): %v", op.name, q.off, q.n, err)
 				}
 				got := readRange(t, img, lo, hi-lo, 1<<20)
-				if op.zeros {
+				if op.zeros && op.name == "Discard" {
+					// Only whole units of the discard alignment are
+					// discarded; the rest is left as it was.
+					unit := disk.LimitsOf(img).DiscardAlignment
+					a, b := (q.off+unit-1)/unit*unit, (q.off+q.n)/unit*unit
+					if q.off+q.n == size {
+						b = size
+					}
+					if a < b {
+						clear(want[a-lo : b-lo])
+					}
+					wantEqual(t, fmt.Sprintf("%s %d", op.name, i), lo, got, want)
+				} else if op.zeros {
 					clear(want[q.off-lo : q.off-lo+q.n])
 					wantEqual(t, fmt.Sprintf("%s %d", op.name, i), lo, got, want)
 				} else {

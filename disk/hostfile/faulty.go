@@ -147,6 +147,27 @@ func (f *Faulty) WriteAt(p []byte, off int64) (int, error) {
 	return f.f.WriteAt(p, off)
 }
 
+// WriteAtSync writes durably to the wrapped file (its WriteAtSync, else a
+// write and a Sync); it counts, and can fail, as a write and as a sync.
+func (f *Faulty) WriteAtSync(p []byte, off int64) (int, error) {
+	if err := f.check(OpWrite); err != nil {
+		return 0, err
+	}
+	if err := f.check(OpSync); err != nil {
+		return 0, err
+	}
+	if sw, ok := f.f.(interface {
+		WriteAtSync(p []byte, off int64) (int, error)
+	}); ok {
+		return sw.WriteAtSync(p, off)
+	}
+	n, err := f.f.WriteAt(p, off)
+	if err != nil {
+		return n, err
+	}
+	return n, f.f.Sync()
+}
+
 // Size returns the wrapped file's size.
 func (f *Faulty) Size() (int64, error) {
 	if err := f.check(OpSize); err != nil {

@@ -73,6 +73,33 @@ func (o *OSFile) Size() (int64, error) {
 	return fi.Size(), nil
 }
 
+// WriteAtSync writes p at off and makes it durable before returning
+// (pwritev2 with RWF_DSYNC: only this write is flushed, not the file's
+// other dirty pages). Kernels without RWF_DSYNC get a write and an
+// fdatasync.
+func (o *OSFile) WriteAtSync(p []byte, off int64) (int, error) {
+	fd := int(o.f.Fd())
+	done := 0
+	for done < len(p) {
+		n, err := unix.Pwritev2(fd, [][]byte{p[done:]}, off+int64(done), unix.RWF_DSYNC)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.EOPNOTSUPP || err == unix.ENOSYS || err == unix.EINVAL:
+			if _, err := o.f.WriteAt(p[done:], off+int64(done)); err != nil {
+				return done, err
+			}
+			return len(p), o.Sync()
+		case err != nil:
+			return done, &os.PathError{Op: "pwritev2", Path: o.f.Name(), Err: err}
+		case n == 0:
+			return done, &os.PathError{Op: "pwritev2", Path: o.f.Name(), Err: io.ErrShortWrite}
+		}
+		done += n
+	}
+	return done, nil
+}
+
 // Sync makes written data durable (fdatasync).
 func (o *OSFile) Sync() error {
 	return ignoreEINTR(func() error { return unix.Fdatasync(int(o.f.Fd())) }, "fdatasync", o.f.Name())

@@ -65,6 +65,9 @@ type memOp struct {
 	off  int64
 	n    int64  // length (punch, zero range) or new size (truncate)
 	data []byte // write payload (a private copy)
+	// synced: made durable by itself (WriteAtSync): every crash keeps
+	// it, replayed in order with the unsynced operations kept.
+	synced bool
 }
 
 // NewMemFile returns a MemFile named name whose current and durable
@@ -115,6 +118,19 @@ func (m *MemFile) WriteAt(p []byte, off int64) (int, error) {
 	m.cur.write(p, off)
 	m.pending = append(m.pending, memOp{kind: memWrite, off: off, data: append([]byte(nil), p...)})
 	return len(p), nil
+}
+
+// WriteAtSync is WriteAt whose write is durable when it returns (as
+// pwritev2 with RWF_DSYNC): every later crash keeps it, whatever becomes
+// of the unsynced operations before it.
+func (m *MemFile) WriteAtSync(p []byte, off int64) (int, error) {
+	n, err := m.WriteAt(p, off)
+	if err == nil {
+		m.mu.Lock()
+		m.pending[len(m.pending)-1].synced = true
+		m.mu.Unlock()
+	}
+	return n, err
 }
 
 // Size returns the current length.
@@ -264,12 +280,12 @@ func (m *MemFile) Bytes() []byte {
 	return b
 }
 
-// DurableBytes returns a copy of the content as of the last Sync.
+// DurableBytes returns a copy of the content a crash would leave at the
+// least: as of the last Sync, with the writes made by WriteAtSync since.
 func (m *MemFile) DurableBytes() []byte {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	b := make([]byte, m.durable.size)
-	m.durable.read(b, 0)
+	st := m.crashState(func(int) bool { return false })
+	b := make([]byte, st.size)
+	st.read(b, 0)
 	return b
 }
 
@@ -289,17 +305,25 @@ func (m *MemFile) Crash() *MemFile {
 
 // CrashKeeping is Crash, except that the unsynced operations i for which
 // keep(i) is true are also applied, in their original order, on top of the
-// durable content.
+// durable content (with the writes WriteAtSync made durable).
 func (m *MemFile) CrashKeeping(keep func(i int) bool) *MemFile {
+	st := m.crashState(keep)
+	return &MemFile{name: m.name, cur: st, durable: st.clone()}
+}
+
+// crashState returns the durable content with the pending operations
+// that keep selects, and those made durable by WriteAtSync, applied in
+// order.
+func (m *MemFile) crashState(keep func(i int) bool) memState {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	st := m.durable.clone()
 	for i, op := range m.pending {
-		if keep(i) {
+		if op.synced || keep(i) {
 			st.apply(op)
 		}
 	}
-	return &MemFile{name: m.name, cur: st, durable: st.clone()}
+	return st
 }
 
 func (m *MemFile) errClosed(op string) error {

@@ -17,8 +17,17 @@ import (
 // after a metadata flush.
 const maxCleanRefblocks = 64
 
+// maxRefblockBytes bounds the refcount blocks held in memory (changed or
+// not) between metadata flushes, with lazy refcounts too: past it they
+// are written back (see writer.limitDirty). With the L2 slice cache's
+// 32 MiB and its pinned slices, it keeps a writer's metadata in memory
+// near QEMU's default metadata cache whatever the workload.
+const maxRefblockBytes = 4 << 20
+
 // allocator hands out host clusters and keeps their refcounts. It is used
-// under writer.mu only.
+// under writer.mu; what isMeta reads (meta, t.offset, the length of
+// t.entries, moved) is changed under writer.metaMu too, as writes in
+// place call isMeta without writer.mu.
 type allocator struct {
 	img *Image
 	t   *refcountTable // the table entries in memory are authoritative
@@ -41,7 +50,7 @@ type allocator struct {
 	// header, L1 table and refcount table (which are checked by range):
 	// refcount blocks, L2 tables, the snapshot table and snapshot L1
 	// tables. Data must never be written there.
-	meta map[uint64]bool
+	meta clusterSet
 }
 
 // refBlock is a refcount block in memory.
@@ -60,21 +69,21 @@ type movedTable struct {
 // newAllocator reads the refcount table of img, whose file is fileSize
 // bytes long, and notes where its metadata lies.
 func newAllocator(img *Image, fileSize int64) (*allocator, error) {
-	h := img.hdr
+	h := img.header()
 	refs, err := readRefcountTable(img.f, h, fileSize)
 	if err != nil {
 		return nil, err
 	}
 	cs := img.geo.clusterSize()
 	a := &allocator{img: img, t: refs, cs: cs, cb: img.geo.clusterBits,
-		blocks: map[uint64]*refBlock{}, newEntries: map[uint64]bool{}, meta: map[uint64]bool{}}
+		blocks: map[uint64]*refBlock{}, newEntries: map[uint64]bool{}}
 	end := max(alignUp(fileSize, cs), cs)
 	mark := func(off, n int64) {
 		if n <= 0 {
 			return
 		}
 		for c := off >> a.cb; c < (off+n+cs-1)>>a.cb; c++ {
-			a.meta[uint64(c)] = true
+			a.meta.add(uint64(c))
 		}
 		end = max(end, alignUp(off+n, cs))
 	}
@@ -109,12 +118,26 @@ func newAllocator(img *Image, fileSize int64) (*allocator, error) {
 	return a, nil
 }
 
+// lockMeta and unlockMeta bracket a change of what isMeta reads (see
+// allocator). The allocator of an image opened by Check has no writer.
+func (a *allocator) lockMeta() {
+	if a.img.w != nil {
+		a.img.w.metaMu.Lock()
+	}
+}
+
+func (a *allocator) unlockMeta() {
+	if a.img.w != nil {
+		a.img.w.metaMu.Unlock()
+	}
+}
+
 // alignUp rounds n up to a multiple of the power of two a.
 func alignUp(n, a int64) int64 { return (n + a - 1) &^ (a - 1) }
 
 // isMeta reports whether [off, off+n) meets the image's metadata.
 func (a *allocator) isMeta(off, n int64) bool {
-	h := a.img.hdr
+	h := a.img.header()
 	if off < a.cs {
 		return true
 	}
@@ -126,7 +149,7 @@ func (a *allocator) isMeta(off, n int64) bool {
 		return true
 	}
 	for c := off >> a.cb; c < (off+n+a.cs-1)>>a.cb; c++ {
-		if a.meta[uint64(c)] {
+		if a.meta.has(uint64(c)) {
 			return true
 		}
 	}
@@ -182,7 +205,9 @@ func (a *allocator) block(i uint64, create bool) (*refBlock, error) {
 	a.blocks[i] = b
 	t.entries[i] = b.off
 	a.newEntries[i] = true
-	a.meta[c] = true
+	a.lockMeta()
+	a.meta.add(c)
+	a.unlockMeta()
 	if err := a.adjust(c, 1); err != nil {
 		return nil, err
 	}
@@ -372,7 +397,9 @@ func (a *allocator) release(off, n int64) error {
 			return err
 		}
 		if rc, err := a.refcount(uint64(c)); err == nil && rc == 0 {
-			delete(a.meta, uint64(c))
+			a.lockMeta()
+			a.meta.remove(uint64(c))
+			a.unlockMeta()
 		}
 	}
 	return nil
@@ -398,6 +425,7 @@ func (a *allocator) growTable(i uint64) error {
 	a.end = off + n
 	entries := make([]uint64, n/8)
 	copy(entries, t.entries)
+	a.lockMeta()
 	t.entries = entries
 	prev := a.moved
 	if prev == nil {
@@ -408,6 +436,7 @@ func (a *allocator) growTable(i uint64) error {
 		a.moved = &movedTable{off: off, n: n, oldOff: prev.oldOff, oldN: prev.oldN}
 	}
 	t.offset = uint64(off)
+	a.unlockMeta()
 	for c := off >> a.cb; c < (off+n)>>a.cb; c++ {
 		if err := a.adjust(uint64(c), 1); err != nil {
 			return err
@@ -462,9 +491,13 @@ func (a *allocator) writeBack(final bool) error {
 		if _, err := f.WriteAt(hdr[:], offRefcountTableOffset); err != nil {
 			return fmt.Errorf("qcow2: writing the refcount table offset to the header: %w", err)
 		}
-		a.img.hdr.RefcountTableOffset = uint64(m.off)
-		a.img.hdr.RefcountTableClusters = uint32(m.n >> a.cb)
+		a.img.updateHeader(func(h *Header) {
+			h.RefcountTableOffset = uint64(m.off)
+			h.RefcountTableClusters = uint32(m.n >> a.cb)
+		})
+		a.lockMeta()
 		a.moved = nil
+		a.unlockMeta()
 		if err := a.img.syncFiles(); err != nil {
 			return err
 		}
@@ -488,11 +521,22 @@ func (a *allocator) writeBack(final bool) error {
 	return nil
 }
 
+// tooManyBlocks reports whether more refcount blocks are loaded than
+// maxRefblockBytes allows (at least maxCleanRefblocks).
+func (a *allocator) tooManyBlocks() bool {
+	return int64(len(a.blocks)) > max(maxCleanRefblocks, maxRefblockBytes/a.cs)
+}
+
 // trimBlocks forgets unchanged blocks beyond maxCleanRefblocks.
 func (a *allocator) trimBlocks() {
 	if len(a.blocks) <= maxCleanRefblocks {
 		return
 	}
+	a.dropClean()
+}
+
+// dropClean forgets every unchanged block.
+func (a *allocator) dropClean() {
 	for i, b := range a.blocks {
 		if !b.dirty {
 			delete(a.blocks, i)

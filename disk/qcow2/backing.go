@@ -38,7 +38,7 @@ func isProtocolName(name string) bool {
 // opts.Parents extended by this image's path so that disk.Open refuses
 // loops and over-deep chains.
 func (img *Image) openBacking(opts disk.OpenOptions) error {
-	name := img.hdr.BackingFile
+	name := img.header().BackingFile
 	if name == "" {
 		return nil
 	}
@@ -47,7 +47,7 @@ func (img *Image) openBacking(opts disk.OpenOptions) error {
 	}
 	img.backingFull = resolveName(img.f.Name(), name)
 	if opts.NoBacking {
-		img.backingFormat = img.hdr.BackingFormat
+		img.backingFormat = img.header().BackingFormat
 		return nil
 	}
 	self := img.f.Name()
@@ -59,7 +59,7 @@ func (img *Image) openBacking(opts disk.OpenOptions) error {
 	}
 	parents := append(slices.Clip(opts.Parents), self)
 	b, err := disk.Open(img.backingFull, disk.OpenOptions{
-		Format:    img.hdr.BackingFormat,
+		Format:    img.header().BackingFormat,
 		ReadOnly:  true,
 		CacheSize: opts.CacheSize,
 		Parents:   parents,
@@ -69,7 +69,7 @@ func (img *Image) openBacking(opts disk.OpenOptions) error {
 	}
 	img.backing = b
 	img.backingSize = b.Size()
-	img.backingFormat = img.hdr.BackingFormat
+	img.backingFormat = img.header().BackingFormat
 	if img.backingFormat == "" {
 		if d, ok := b.(disk.Describer); ok {
 			img.backingFormat = d.Info().Format
@@ -87,7 +87,7 @@ func (img *Image) readBacking(p []byte, off int64) error {
 	}
 	n := min(int64(len(p)), img.backingSize-off)
 	if _, err := img.backing.ReadAt(p[:n], off); err != nil {
-		return fmt.Errorf("qcow2: backing file %q: %w", img.hdr.BackingFile, err)
+		return fmt.Errorf("qcow2: backing file %q: %w", img.header().BackingFile, err)
 	}
 	clear(p[n:])
 	return nil

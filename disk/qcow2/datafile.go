@@ -12,10 +12,10 @@ import (
 // the external data file name header extension, resolved against the
 // image's folder.
 func (img *Image) openDataFile(rw bool) error {
-	if !img.hdr.HasDataFile() {
+	if !img.header().HasDataFile() {
 		return nil
 	}
-	name := img.hdr.DataFile
+	name := img.header().DataFile
 	if name == "" {
 		return img.formatError(-1, "external data file bit set but the image names no data file")
 	}

@@ -22,15 +22,19 @@ import (
 // disk.ErrCorrupt for an invalid table entry; disk.ErrClosed; errors of
 // the backing image, wrapped.
 func (img *Image) Map(off, n int64) (disk.Extent, error) {
-	if img.closed.Load() {
-		return disk.Extent{}, disk.ErrClosed
+	t, err := img.enter()
+	if err != nil {
+		return disk.Extent{}, err
 	}
-	if err := disk.CheckRange(off, n, img.size); err != nil {
+	defer img.exit(t)
+	if err := disk.CheckRange(off, n, img.size.Load()); err != nil {
 		return disk.Extent{}, fmt.Errorf("qcow2: map: %w", err)
 	}
 	if n == 0 {
 		return disk.Extent{}, fmt.Errorf("qcow2: map: empty range: %w", disk.ErrOutOfRange)
 	}
+	rt := img.reuse.Enter()
+	defer img.reuse.Exit(rt)
 	r, err := img.lookup(off, n)
 	if err != nil {
 		return disk.Extent{}, err
@@ -72,7 +76,7 @@ func (img *Image) Map(off, n int64) (disk.Extent, error) {
 		default:
 			be, err := disk.Map(img.backing, off, min(r.length, img.backingSize-off))
 			if err != nil {
-				return disk.Extent{}, fmt.Errorf("qcow2: backing file %q: %w", img.hdr.BackingFile, err)
+				return disk.Extent{}, fmt.Errorf("qcow2: backing file %q: %w", img.header().BackingFile, err)
 			}
 			be.Depth++
 			return be, nil
@@ -116,12 +120,16 @@ type Location struct {
 // Locate returns where the byte at guest offset off is stored, following
 // the backing chain to the layer that defines it. Errors are Map's.
 func (img *Image) Locate(off int64) (Location, error) {
-	if img.closed.Load() {
-		return Location{}, disk.ErrClosed
+	t, err := img.enter()
+	if err != nil {
+		return Location{}, err
 	}
-	if err := disk.CheckRange(off, 1, img.size); err != nil {
+	defer img.exit(t)
+	if err := disk.CheckRange(off, 1, img.size.Load()); err != nil {
 		return Location{}, fmt.Errorf("qcow2: locate: %w", err)
 	}
+	rt := img.reuse.Enter()
+	defer img.reuse.Exit(rt)
 	r, err := img.lookup(off, 1)
 	if err != nil {
 		return Location{}, err
@@ -144,12 +152,12 @@ func (img *Image) Locate(off int64) (Location, error) {
 		var bl Location
 		if b, ok := img.backing.(*Image); ok {
 			if bl, err = b.Locate(off); err != nil {
-				return Location{}, fmt.Errorf("qcow2: backing file %q: %w", img.hdr.BackingFile, err)
+				return Location{}, fmt.Errorf("qcow2: backing file %q: %w", img.header().BackingFile, err)
 			}
 		} else {
 			e, err := disk.Map(img.backing, off, 1)
 			if err != nil {
-				return Location{}, fmt.Errorf("qcow2: backing file %q: %w", img.hdr.BackingFile, err)
+				return Location{}, fmt.Errorf("qcow2: backing file %q: %w", img.header().BackingFile, err)
 			}
 			bl = Location{Offset: off, ClusterType: "unallocated", HostClusterOffset: e.HostOffset,
 				OffsetInCluster: 0, Depth: e.Depth, File: e.HostFile}

@@ -45,17 +45,20 @@ type writer struct {
 	// write.
 	err error
 
-	// inplace is held shared by writes that go straight to allocated
-	// clusters, and exclusively while clusters are freed, so that no
-	// such write lands in a cluster after it was freed and reused.
-	inplace sync.RWMutex
-
 	mu    sync.Mutex // allocation and metadata changes
 	alloc *allocator // under mu
 	// end mirrors alloc.end for lock-free checks of host offsets.
 	end atomic.Int64
-	// metaMu guards reads of alloc.meta by in-place writers.
+	// metaMu guards what allocator.isMeta reads (the metadata set, the
+	// refcount table's place and a moved table), so that writes in
+	// place, which do not hold mu, can check host offsets against it:
+	// changes to those take metaMu besides mu.
 	metaMu sync.RWMutex
+	// clean is set when every metadata change made so far is durable
+	// (the last metadata flush left nothing to write), and cleared (under
+	// mu) before each change: a write in place that finds it set after
+	// its data is durable needs no metadata flush (see WriteAtFUA).
+	clean atomic.Bool
 
 	// failed holds the error that stopped the write side (a failed
 	// metadata update, or corruption found): every later write returns
@@ -89,7 +92,7 @@ type pendingFree struct {
 func (img *Image) initWriter(fileSize int64) {
 	w := &writer{dirtyL1: map[uint64]bool{}, dirtyL2: map[uint64]bool{}, newTables: map[uint64]struct{}{}}
 	img.w = w
-	h := img.hdr
+	h := img.header()
 	switch {
 	case h.CryptMethod != 0:
 		w.unsupported = "encryption"
@@ -113,6 +116,7 @@ func (img *Image) initWriter(fileSize int64) {
 	}
 	w.alloc = a
 	w.end.Store(a.end)
+	w.clean.Store(true)
 	// Data clusters may now lie past the file's size at Open; writes
 	// check host offsets against the allocation end instead.
 	img.geo.dataSize = int64(offsetMask) + 1
@@ -151,7 +155,7 @@ func (img *Image) readL1Flags() error {
 		return nil
 	}
 	buf := make([]byte, len(img.l1)*8)
-	if _, err := img.f.ReadAt(buf, int64(img.hdr.L1TableOffset)); err != nil {
+	if _, err := img.f.ReadAt(buf, int64(img.header().L1TableOffset)); err != nil {
 		return fmt.Errorf("qcow2: reading L1 table: %w", err)
 	}
 	for i := range w.l1Copied {
@@ -170,7 +174,8 @@ func (img *Image) writable(op string) error {
 	case img.snapshot != nil || w == nil:
 		return fmt.Errorf("qcow2: %s: %w", op, disk.ErrReadOnly)
 	case w.unsupported != "":
-		return fmt.Errorf("qcow2: %s: %w", op, &disk.UnsupportedError{Format: formatName, Feature: w.unsupported})
+		// The image is read-only for this driver (see Capabilities).
+		return fmt.Errorf("qcow2: %s: %w: %w", op, disk.ErrReadOnly, &disk.UnsupportedError{Format: formatName, Feature: w.unsupported})
 	case w.err != nil:
 		return w.err
 	}
@@ -195,17 +200,16 @@ func (img *Image) start() error {
 	if w.started.Load() {
 		return nil
 	}
-	h := img.hdr
-	if h.Version >= 3 {
-		auto := h.AutoclearFeatures & AutoclearDataFileRaw
-		incompat := h.IncompatibleFeatures
-		if w.lazy {
-			incompat |= IncompatDirty
-		}
-		if auto != h.AutoclearFeatures || incompat != h.IncompatibleFeatures {
-			if err := img.writeFeatures(incompat, auto); err != nil {
-				return img.fail(err)
+	if img.header().Version >= 3 {
+		err := img.writeFeatures(func(h *Header) (uint64, uint64) {
+			incompat := h.IncompatibleFeatures
+			if w.lazy {
+				incompat |= IncompatDirty
 			}
+			return incompat, h.AutoclearFeatures & AutoclearDataFileRaw
+		})
+		if err != nil {
+			return img.fail(err)
 		}
 	}
 	w.started.Store(true)
@@ -213,8 +217,18 @@ func (img *Image) start() error {
 }
 
 // writeFeatures writes the incompatible and autoclear feature fields of
-// the header and syncs.
-func (img *Image) writeFeatures(incompat, auto uint64) error {
+// the header that change returns (given the current header), if they
+// differ, and syncs. The header changes under img.hdrMu, so that
+// concurrent changes (a write's failure, the first write, Close) each
+// start from the other's result.
+func (img *Image) writeFeatures(change func(h *Header) (incompat, auto uint64)) error {
+	img.hdrMu.Lock()
+	defer img.hdrMu.Unlock()
+	cur := img.hdr.Load()
+	incompat, auto := change(cur)
+	if incompat == cur.IncompatibleFeatures && auto == cur.AutoclearFeatures {
+		return nil
+	}
 	var b [8]byte
 	binary.BigEndian.PutUint64(b[:], incompat)
 	if _, err := img.f.WriteAt(b[:], offIncompatibleFeatures); err != nil {
@@ -227,7 +241,9 @@ func (img *Image) writeFeatures(incompat, auto uint64) error {
 	if err := img.syncFiles(); err != nil {
 		return err
 	}
-	img.hdr.IncompatibleFeatures, img.hdr.AutoclearFeatures = incompat, auto
+	h := *cur
+	h.IncompatibleFeatures, h.AutoclearFeatures = incompat, auto
+	img.hdr.Store(&h)
 	return nil
 }
 
@@ -239,8 +255,10 @@ func (img *Image) fail(err error) error {
 	w := img.w
 	w.failed.CompareAndSwap(nil, &err)
 	var fe *disk.FormatError
-	if errors.As(err, &fe) && fe.Corrupt && img.hdr.Version >= 3 && !img.hdr.Corrupt() {
-		_ = img.writeFeatures(img.hdr.IncompatibleFeatures|IncompatCorrupt, img.hdr.AutoclearFeatures)
+	if errors.As(err, &fe) && fe.Corrupt && img.header().Version >= 3 {
+		_ = img.writeFeatures(func(h *Header) (uint64, uint64) {
+			return h.IncompatibleFeatures | IncompatCorrupt, h.AutoclearFeatures
+		})
 	}
 	return err
 }
@@ -263,11 +281,30 @@ func (w *writer) metaDirty() bool {
 	return len(w.dirtyL1) > 0 || len(w.dirtyL2) > 0 || len(w.pendingFree) > 0 || (!w.lazy && w.alloc.dirty())
 }
 
-// limitDirty flushes the metadata when too many L2 slices wait to be
-// written. Called under w.mu.
+// limitDirty bounds the metadata held in memory between flushes: it
+// flushes the metadata when too many L2 slices wait to be written, and
+// when too many refcount blocks are loaded it drops the unchanged ones
+// and, if that is not enough, writes the changed ones back (with lazy
+// refcounts too: refcount blocks may reach the file at any time, as
+// they only hold decrements once the tables that dropped the clusters
+// are durable, and a lazy image is marked dirty anyway). Called under
+// w.mu.
 func (img *Image) limitDirty() error {
-	if len(img.w.dirtyL2) > maxDirtySlices {
+	w := img.w
+	if len(w.dirtyL2) > maxDirtySlices {
 		return img.flushMeta(false)
+	}
+	if a := w.alloc; a.tooManyBlocks() {
+		a.dropClean()
+		if a.tooManyBlocks() {
+			if err := a.writeBack(true); err != nil {
+				return img.fail(err)
+			}
+			if err := img.syncFiles(); err != nil {
+				return img.fail(err)
+			}
+			a.dropClean()
+		}
 	}
 	return nil
 }
@@ -277,13 +314,18 @@ func (img *Image) limitDirty() error {
 func (img *Image) flushMeta(final bool) error {
 	w := img.w
 	if !w.metaDirty() && !(final && w.alloc.dirty()) {
-		return img.syncFiles()
+		if err := img.syncFiles(); err != nil {
+			return err
+		}
+		w.clean.Store(true)
+		return nil
 	}
 	for range 3 {
 		if err := img.flushMetaOnce(final); err != nil {
 			return img.fail(err)
 		}
 		if !w.metaDirty() && !(final && w.alloc.dirty()) {
+			w.clean.Store(true)
 			return nil
 		}
 	}
@@ -332,14 +374,12 @@ func (img *Image) flushMetaOnce(final bool) error {
 		clear(w.dirtyL1)
 		clear(w.newTables)
 	}
-	// C.
+	// C. Requests still using the clusters finish first (img.reuse).
 	if len(w.pendingFree) == 0 {
 		return nil
 	}
-	w.inplace.Lock()
-	defer w.inplace.Unlock()
-	w.metaMu.Lock()
-	defer w.metaMu.Unlock()
+	img.reuse.Lock()
+	defer img.reuse.Unlock()
 	hp, canPunch := img.f.(disk.HolePuncher)
 	for _, p := range w.pendingFree {
 		if err := a.release(p.off, p.n); err != nil {
@@ -398,7 +438,7 @@ func (img *Image) writeL1() error {
 			}
 			binary.BigEndian.PutUint64(buf[k*8:], e)
 		}
-		at := int64(img.hdr.L1TableOffset) + int64(idx[0])*8
+		at := int64(img.header().L1TableOffset) + int64(idx[0])*8
 		if _, err := img.f.WriteAt(buf, at); err != nil {
 			return fmt.Errorf("qcow2: writing L1 entries at %#x: %w", at, err)
 		}
@@ -412,9 +452,16 @@ func (img *Image) writeL1() error {
 // does nothing for a read-only image, and returns disk.ErrClosed after
 // Close.
 func (img *Image) Flush() error {
-	if img.closed.Load() {
-		return disk.ErrClosed
+	t, err := img.enter()
+	if err != nil {
+		return err
 	}
+	defer img.exit(t)
+	return img.flush()
+}
+
+// flush is Flush for a caller already admitted.
+func (img *Image) flush() error {
 	w := img.w
 	if w == nil || w.alloc == nil || !w.started.Load() {
 		return nil
@@ -442,10 +489,9 @@ func (img *Image) flushOnClose() error {
 	if err := img.flushMeta(true); err != nil {
 		return err
 	}
-	if img.hdr.Dirty() {
-		return img.writeFeatures(img.hdr.IncompatibleFeatures&^IncompatDirty, img.hdr.AutoclearFeatures)
-	}
-	return nil
+	return img.writeFeatures(func(h *Header) (uint64, uint64) {
+		return h.IncompatibleFeatures &^ IncompatDirty, h.AutoclearFeatures
+	})
 }
 
 // writableTable returns the host offset of the L2 table of L1 index l1i
@@ -460,14 +506,15 @@ func (img *Image) writableTable(l1i uint64) (uint64, error) {
 	if cur != 0 && w.l1Copied[l1i] {
 		return cur, nil
 	}
+	w.clean.Store(false)
 	a := w.alloc
 	off, err := a.take()
 	if err != nil {
 		return 0, err
 	}
-	w.metaMu.Lock()
-	a.meta[uint64(off)>>a.cb] = true
-	w.metaMu.Unlock()
+	a.lockMeta()
+	a.meta.add(uint64(off) >> a.cb)
+	a.unlockMeta()
 	w.end.Store(a.end)
 	ss := uint64(img.cache.sliceSize)
 	for s := uint64(0); s < uint64(a.cs); s += ss {
@@ -499,7 +546,7 @@ func (img *Image) entry(ci uint64) (word, bitmap uint64, err error) {
 	l2Bits := g.l2Bits()
 	l1i := ci >> l2Bits
 	if l1i >= uint64(len(img.l1)) {
-		return 0, 0, img.corrupt(int64(img.hdr.L1TableOffset), fmt.Sprintf("guest cluster %d lies past the L1 table", ci))
+		return 0, 0, img.corrupt(int64(img.header().L1TableOffset), fmt.Sprintf("guest cluster %d lies past the L1 table", ci))
 	}
 	table := atomic.LoadUint64(&img.l1[l1i])
 	if table == 0 {
@@ -540,6 +587,7 @@ func (img *Image) setEntries(ci uint64, words, bitmaps []uint64) error {
 	}
 	slice := make([]byte, ss)
 	copy(slice, old)
+	w.clean.Store(false)
 	at := pos % ss
 	for k, word := range words {
 		binary.BigEndian.PutUint64(slice[at:], word)

@@ -217,10 +217,11 @@ func randomOps(t *testing.T, img *Image, model, base []byte, seed uint64, n int)
 				off, k = 0, size
 			}
 			what = fmt.Sprintf("Discard(%d, %d)", off, k)
+			kept := keptByDiscard(t, img, off, k)
 			if err := img.Discard(int64(off), int64(k)); err != nil {
 				t.Fatalf("seed %d op %d: %s: %v", seed, i, what, err)
 			}
-			discardModel(img, model, base, off, k)
+			discardModel(img, model, base, off, k, kept)
 		case op < 19:
 			off, k := randRange(5 * cs)
 			var flags disk.ZeroFlags
@@ -261,22 +262,53 @@ func randomOps(t *testing.T, img *Image, model, base []byte, seed uint64, n int)
 // discardModel applies Discard(off, k) to model: zeros, except that in a
 // version 2 image with a backing file whole clusters show the backing
 // file (the disk's last cluster counts as whole).
-func discardModel(img *Image, model, base []byte, off, k int) {
-	clear(model[off : off+k])
-	if img.geo.version >= 3 || base == nil {
-		return
-	}
-	cs := int(img.geo.clusterSize())
-	a := (off + cs - 1) / cs * cs
-	b := (off + k) / cs * cs
-	if off+k == len(model) {
-		b = off + k
-	}
+func discardModel(img *Image, model, base []byte, off, k int, kept []span) {
+	a64, b64 := img.wholeUnits(int64(off), int64(k))
+	a, b := int(a64), min(int(b64), len(model))
 	for i := a; i < b; i++ {
-		if i < len(base) {
+		if inSpans(kept, i) {
+			continue
+		}
+		model[i] = 0
+		if img.geo.version < 3 && i < len(base) {
 			model[i] = base[i]
 		}
 	}
+}
+
+// keptByDiscard returns the parts of a discard of [off, off+k) that it
+// leaves as they are besides its unaligned ends: with extended L2
+// entries, the subclusters of a compressed cluster it covers only in
+// part.
+func keptByDiscard(t *testing.T, img *Image, off, k int) []span {
+	if !img.geo.extended {
+		return nil
+	}
+	a, b := img.wholeUnits(int64(off), int64(k))
+	cs := img.geo.clusterSize()
+	var kept []span
+	for c := a &^ (cs - 1); c < b; c += cs {
+		if a <= c && c+cs <= b {
+			continue
+		}
+		r, err := img.lookup(c, 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.kind == kindCompressed {
+			kept = append(kept, span{c, cs})
+		}
+	}
+	return kept
+}
+
+func inSpans(spans []span, i int) bool {
+	for _, s := range spans {
+		if int64(i) >= s.off && int64(i) < s.off+s.n {
+			return true
+		}
+	}
+	return false
 }
 
 // TestWriteLazyRefcountsCrash leaves a lazy-refcounts image dirty (its
@@ -294,7 +326,7 @@ func TestWriteLazyRefcountsCrash(t *testing.T) {
 	if err := img.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	if !img.hdr.Dirty() {
+	if !img.header().Dirty() {
 		t.Fatal("a lazy-refcounts image is not marked dirty while written")
 	}
 	// "Crash": drop the image without Close (its refcounts stay
@@ -307,7 +339,7 @@ func TestWriteLazyRefcountsCrash(t *testing.T) {
 		t.Fatalf("flushed data differs at %d after the crash", d)
 	}
 	img = openRW(t, p)
-	if img.hdr.Dirty() {
+	if img.header().Dirty() {
 		t.Fatal("reopening read-write did not repair and clear the dirty bit")
 	}
 	randomOps(t, img, model, nil, 78, 100)

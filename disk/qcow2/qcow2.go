@@ -84,6 +84,7 @@ import (
 	"sync/atomic"
 
 	"github.com/imgloop/imgloop/disk"
+	"github.com/imgloop/imgloop/disk/internal/gate"
 )
 
 // formatName is the driver's name.
@@ -125,10 +126,13 @@ func (Driver) Open(f disk.File, opts disk.OpenOptions) (disk.Image, error) {
 // Image is an open qcow2 image. It implements disk.Image, disk.Mapper,
 // disk.Describer and disk.Backinger.
 type Image struct {
-	f        disk.File
-	hdr      *Header
+	f disk.File
+	// hdr is the header as the file holds it now. A Header is never
+	// changed once published: updateHeader stores a changed copy.
+	hdr      atomic.Pointer[Header]
+	hdrMu    sync.Mutex // serialises updateHeader
 	geo      geometry
-	size     int64 // virtual disk size
+	size     atomic.Int64 // virtual disk size
 	l1       []uint64
 	cache    *l2Cache
 	inflate  inflater
@@ -144,6 +148,7 @@ type Image struct {
 	backingFormat string // as stored, or as probed
 
 	compressedPool sync.Pool // *[]byte of the largest compressed span
+	clusterPool    sync.Pool // *[]byte of one cluster, for partial-cluster writes
 
 	// inflated caches inflated clusters for reads of parts of them,
 	// keyed by the compressed data's host offset; made on first use.
@@ -152,8 +157,39 @@ type Image struct {
 
 	w *writer // nil unless opened read-write (see write.go)
 
+	// ops admits every call (shared) and is taken exclusively by Close
+	// and Resize, which so wait for the calls in flight and keep new
+	// ones waiting until they are done.
+	ops gate.Gate
+	// reuse is held shared by whatever maps a guest range to host
+	// clusters and then uses them (reads, writes in place, Map), and
+	// exclusively while host clusters are freed, so that a cluster is
+	// never given to other data while a request still uses it (QEMU
+	// makes such reuse wait for in-flight requests too).
+	reuse gate.Gate
+	// resized tells the resize watchers.
+	resized disk.SizeWatchers
+
 	closed atomic.Bool
 }
+
+// enter admits a call (see Image.ops): after Close it returns
+// disk.ErrClosed. Calls made by an admitted call use internal methods
+// that do not enter again.
+func (img *Image) enter() (gate.Token, error) {
+	if img.closed.Load() {
+		return 0, disk.ErrClosed
+	}
+	t := img.ops.Enter()
+	if img.closed.Load() {
+		img.ops.Exit(t)
+		return 0, disk.ErrClosed
+	}
+	return t, nil
+}
+
+// exit ends a call admitted by enter.
+func (img *Image) exit(t gate.Token) { img.ops.Exit(t) }
 
 var (
 	_ disk.Image      = (*Image)(nil)
@@ -198,7 +234,9 @@ func Open(f disk.File, opts disk.OpenOptions) (_ *Image, err error) {
 			}
 		}
 	}
-	img := &Image{f: f, hdr: h, data: f, size: int64(h.Size)}
+	img := &Image{f: f, data: f}
+	img.hdr.Store(h)
+	img.size.Store(int64(h.Size))
 	defer func() {
 		if err != nil {
 			img.closeOwned()
@@ -228,11 +266,11 @@ func Open(f disk.File, opts disk.OpenOptions) (_ *Image, err error) {
 		}
 		l1Offset, l1Size = img.snapshot.L1TableOffset, img.snapshot.L1Size
 		if img.snapshot.DiskSize != 0 {
-			img.size = int64(img.snapshot.DiskSize)
+			img.size.Store(int64(img.snapshot.DiskSize))
 		}
 	}
-	if img.size < 0 {
-		return nil, img.formatError(24, fmt.Sprintf("virtual size %d is too large", uint64(img.size)))
+	if img.size.Load() < 0 {
+		return nil, img.formatError(24, fmt.Sprintf("virtual size %d is too large", uint64(img.size.Load())))
 	}
 	if err = img.readL1(l1Offset, l1Size, opts.Snapshot == ""); err != nil {
 		return nil, err
@@ -240,6 +278,7 @@ func Open(f disk.File, opts disk.OpenOptions) (_ *Image, err error) {
 	img.initCache(opts.CacheSize)
 	cs := int(img.geo.clusterSize())
 	img.compressedPool.New = func() any { b := make([]byte, 2*cs); return &b }
+	img.clusterPool.New = func() any { b := make([]byte, cs); return &b }
 	if err = img.openBacking(opts); err != nil {
 		return nil, err
 	}
@@ -256,7 +295,7 @@ func Open(f disk.File, opts disk.OpenOptions) (_ *Image, err error) {
 func (img *Image) readL1(l1Offset uint64, l1Size uint32, active bool) error {
 	g := &img.geo
 	tableSpan := uint64(1) << (g.l2Bits() + g.clusterBits) // guest bytes one L2 table maps
-	need := (uint64(img.size) + tableSpan - 1) / tableSpan
+	need := (uint64(img.size.Load()) + tableSpan - 1) / tableSpan
 	if active && uint64(l1Size) < need {
 		return img.formatError(36, fmt.Sprintf("L1 table has %d entries, the disk needs %d", l1Size, need))
 	}
@@ -296,7 +335,7 @@ func (img *Image) initCache(size int64) {
 	g := &img.geo
 	slice := int(min(g.clusterSize(), maxSliceSize))
 	if size <= 0 {
-		size = defaultCacheSize(img.size, g.clusterBits, g.entryBytes())
+		size = defaultCacheSize(img.size.Load(), g.clusterBits, g.entryBytes())
 	}
 	img.cache = newL2Cache(size, slice)
 }
@@ -312,17 +351,20 @@ func (img *Image) corrupt(off int64, what string) error {
 }
 
 // Size returns the virtual disk size in bytes.
-func (img *Image) Size() int64 { return img.size }
+func (img *Image) Size() int64 { return img.size.Load() }
 
 // SectorSize returns 512.
 func (img *Image) SectorSize() int { return 512 }
 
-// Close closes the backing image, the data file and the image file. Later
-// calls return disk.ErrClosed.
+// Close waits for the calls in flight, writes the metadata back, and
+// closes the backing image, the data file and the image file. Calls that
+// start after it return disk.ErrClosed, as does a second Close.
 func (img *Image) Close() error {
 	if !img.closed.CompareAndSwap(false, true) {
 		return disk.ErrClosed
 	}
+	img.ops.Lock()
+	defer img.ops.Unlock()
 	return errors.Join(img.flushOnClose(), img.closeOwned(), img.f.Close())
 }
 
@@ -341,8 +383,23 @@ func (img *Image) closeOwned() error {
 	return errors.Join(errs...)
 }
 
-// Header returns the decoded header. The caller must not modify it.
-func (img *Image) Header() *Header { return img.hdr }
+// Header returns the decoded header as the file holds it now. The caller
+// must not modify it; later changes (feature bits, a moved table, a new
+// size) are made to a copy, so the returned value stays as it was.
+func (img *Image) Header() *Header { return img.header() }
+
+// header returns the current header (see Header).
+func (img *Image) header() *Header { return img.hdr.Load() }
+
+// updateHeader publishes a copy of the header changed by fn, once the
+// change is in the file.
+func (img *Image) updateHeader(fn func(h *Header)) {
+	img.hdrMu.Lock()
+	defer img.hdrMu.Unlock()
+	h := *img.hdr.Load()
+	fn(&h)
+	img.hdr.Store(&h)
+}
 
 // Snapshots returns the image's internal snapshots. The caller must not
 // modify the slice.
@@ -359,10 +416,10 @@ func (img *Image) Backing() disk.Image {
 
 // Info describes the image as `qemu-img info` does.
 func (img *Image) Info() disk.Info {
-	h := img.hdr
+	h := img.header()
 	info := disk.Info{
 		Format:              formatName,
-		VirtualSize:         img.size,
+		VirtualSize:         img.size.Load(),
 		ClusterSize:         img.geo.clusterSize(),
 		BackingFilename:     h.BackingFile,
 		FullBackingFilename: img.backingFull,

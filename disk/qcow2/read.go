@@ -34,12 +34,23 @@ var jobPool = sync.Pool{New: func() any { return new([maxInflateBatch]inflateJob
 // inflated, several at once when a read spans more than one. See the
 // package documentation for the errors.
 func (img *Image) ReadAt(p []byte, off int64) (int, error) {
-	if img.closed.Load() {
-		return 0, disk.ErrClosed
+	t, err := img.enter()
+	if err != nil {
+		return 0, err
 	}
-	if err := disk.CheckRange(off, int64(len(p)), img.size); err != nil {
+	defer img.exit(t)
+	if err := disk.CheckRange(off, int64(len(p)), img.size.Load()); err != nil {
 		return 0, fmt.Errorf("qcow2: read: %w", err)
 	}
+	return img.readAt(p, off)
+}
+
+// readAt is ReadAt for a caller already admitted (see enter). It holds
+// the shared side of img.reuse while it maps and reads, so that no host
+// cluster it reads is freed and given to other data meanwhile.
+func (img *Image) readAt(p []byte, off int64) (int, error) {
+	rt := img.reuse.Enter()
+	defer img.reuse.Exit(rt)
 	var jobs []inflateJob // from jobPool once the read meets a compressed cluster
 	defer func() {
 		if jobs != nil {

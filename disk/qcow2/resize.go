@@ -44,9 +44,10 @@ var ErrShrinkAllocated = errors.New("clusters past the new end are allocated")
 // alike); the cluster holding the new end keeps its content past it, as
 // in QEMU.
 //
-// Resize must not run concurrently with any other call on img (reads
-// included): it replaces the L1 table and the header that readers and
-// writers use without locks.
+// Resize may be called while other calls are in flight: it waits for
+// them (it replaces the L1 table that they use without locks), and calls
+// made meanwhile wait for it. After a successful resize the functions
+// registered with NotifyResize are called with the new size.
 //
 // Errors: disk.ErrClosed; disk.ErrReadOnly when img was opened read-only
 // or shows a snapshot; an error wrapping ErrShrinkAllocated; a
@@ -60,7 +61,28 @@ func (img *Image) Resize(size int64) error {
 	if img.closed.Load() {
 		return disk.ErrClosed
 	}
-	h := img.hdr
+	img.ops.Lock()
+	err := img.resize(size)
+	img.ops.Unlock()
+	if err != nil {
+		return err
+	}
+	img.resized.Notify(size)
+	return nil
+}
+
+var _ disk.ResizeNotifier = (*Image)(nil)
+
+// NotifyResize registers fn to be called after each successful Resize
+// (disk.ResizeNotifier).
+func (img *Image) NotifyResize(fn func(size int64)) (stop func()) { return img.resized.Add(fn) }
+
+// resize is Resize under the exclusive side of img.ops.
+func (img *Image) resize(size int64) error {
+	if img.closed.Load() {
+		return disk.ErrClosed
+	}
+	h := img.header()
 	switch {
 	case size < 0:
 		return fmt.Errorf("qcow2: resize: negative size %d", size)
@@ -73,7 +95,7 @@ func (img *Image) Resize(size int64) error {
 		return img.unsupported("resizing a version 2 image that has internal snapshots")
 	case h.AutoclearFeatures&AutoclearBitmaps != 0 && h.NbBitmaps > 0:
 		return img.unsupported("resizing an image with persistent bitmaps")
-	case h.DataFileRaw() && size > img.size:
+	case h.DataFileRaw() && size > img.size.Load():
 		return img.unsupported("growing an image with a raw external data file (its new L2 entries would have to be preallocated)")
 	}
 	need := h.l1EntriesFor(uint64(size))
@@ -84,16 +106,16 @@ func (img *Image) Resize(size int64) error {
 	if err := img.writable("resize"); err != nil {
 		return err
 	}
-	if size == img.size {
+	if size == img.size.Load() {
 		return nil
 	}
 	// The tables in the file must be current: they are read, copied and
 	// extended below.
-	if err := img.Flush(); err != nil {
+	if err := img.flush(); err != nil {
 		return err
 	}
 	var err error
-	if size > img.size {
+	if size > img.size.Load() {
 		err = img.grow(size, need)
 	} else {
 		err = img.shrink(size)
@@ -102,7 +124,7 @@ func (img *Image) Resize(size int64) error {
 		return err
 	}
 	// References dropped by a moved L1 table reach the file.
-	return img.Flush()
+	return img.flush()
 }
 
 // unsupported returns the *disk.UnsupportedError for a resize that cannot
@@ -111,14 +133,14 @@ func (img *Image) unsupported(feature string) error {
 	return &disk.UnsupportedError{Format: formatName, Feature: feature}
 }
 
-// grow resizes to size (> img.size), which needs need L1 entries.
+// grow resizes to size (> img.size.Load()), which needs need L1 entries.
 func (img *Image) grow(size int64, need uint64) error {
-	old := img.size
+	old := img.size.Load()
 	// Past the old end the backing file must not show through.
 	var zeroEnd int64
 	if b := img.Backing(); b != nil && b.Size() > old {
 		zeroEnd = min(size, b.Size())
-		if img.hdr.Version < 3 {
+		if img.header().Version < 3 {
 			return img.unsupported(fmt.Sprintf("growing a version 2 image whose backing file is longer than it (%d > %d bytes): "+
 				"the new area would need zero clusters", b.Size(), old))
 		}
@@ -131,19 +153,19 @@ func (img *Image) grow(size int64, need uint64) error {
 			return err
 		}
 	}
-	img.size = size
+	img.size.Store(size)
 	if zeroEnd > old {
-		err := img.WriteZeroes(old, zeroEnd-old, 0)
+		err := img.zeroRange(old, zeroEnd-old, false)
 		if err == nil {
-			err = img.Flush()
+			err = img.flush()
 		}
 		if err != nil {
-			img.size = old
+			img.size.Store(old)
 			return fmt.Errorf("qcow2: resize: zeroing the new area over the backing file: %w", err)
 		}
 	}
 	if err := img.writeSize(size); err != nil {
-		img.size = old
+		img.size.Store(old)
 		return err
 	}
 	return nil
@@ -161,7 +183,7 @@ func (img *Image) truncateData(size int64) error {
 	return nil
 }
 
-// shrink resizes to size (< img.size) if no cluster past it is
+// shrink resizes to size (< img.size.Load()) if no cluster past it is
 // allocated.
 func (img *Image) shrink(size int64) error {
 	if err := img.checkTailFree(size); err != nil {
@@ -175,11 +197,11 @@ func (img *Image) shrink(size int64) error {
 			return err
 		}
 	}
-	n := img.hdr.l1EntriesFor(uint64(size))
+	n := img.header().l1EntriesFor(uint64(size))
 	l1 := make([]uint64, n)
 	copy(l1, img.l1)
 	img.l1 = l1
-	img.size = size
+	img.size.Store(size)
 	return nil
 }
 
@@ -193,7 +215,7 @@ func (img *Image) writeSize(size int64) error {
 	if err := img.syncFiles(); err != nil {
 		return img.fail(err)
 	}
-	img.hdr.Size = uint64(size)
+	img.updateHeader(func(h *Header) { h.Size = uint64(size) })
 	return nil
 }
 
@@ -207,7 +229,7 @@ func (img *Image) checkTailFree(size int64) error {
 	l2Bits := g.l2Bits()
 	eb := uint64(g.entryBytes())
 	first := (uint64(size) + uint64(g.clusterSize()) - 1) >> cb
-	end := (uint64(img.size) + uint64(g.clusterSize()) - 1) >> cb // clusters of the current disk
+	end := (uint64(img.size.Load()) + uint64(g.clusterSize()) - 1) >> cb // clusters of the current disk
 	var table []byte
 	for ci := first; ci < end; {
 		l1i := ci >> l2Bits
@@ -247,7 +269,7 @@ func (img *Image) checkTailFree(size int64) error {
 // growL1 makes img.l1 hold need entries, growing the L1 table in the file
 // when l1_size is smaller than that.
 func (img *Image) growL1(need uint64) error {
-	h := img.hdr
+	h := img.header()
 	have := uint64(len(img.l1))
 	if need <= have {
 		return nil
@@ -282,7 +304,7 @@ func (img *Image) growL1(need uint64) error {
 // readL1Entries reads the L1 entries from index first into dst, decoding
 // and validating them against the file's current size.
 func (img *Image) readL1Entries(dst []uint64, first uint64) error {
-	at := int64(img.hdr.L1TableOffset) + int64(first)*8
+	at := int64(img.header().L1TableOffset) + int64(first)*8
 	buf := make([]byte, len(dst)*8)
 	if err := readAt(img.f, buf, at); err != nil {
 		return fmt.Errorf("qcow2: resize: reading the L1 table: %w", err)
@@ -306,7 +328,7 @@ func (img *Image) readL1Entries(dst []uint64, first uint64) error {
 // extendL1 raises l1_size to need where the table's clusters have room:
 // the new entries are zeroed and synced, then l1_size written and synced.
 func (img *Image) extendL1(need uint64, l1 []uint64) error {
-	h := img.hdr
+	h := img.header()
 	zero := make([]byte, (need-uint64(h.L1Size))*8)
 	at := int64(h.L1TableOffset) + int64(h.L1Size)*8
 	if what := img.metadataAt(at, int64(len(zero)), l1); what != "" {
@@ -327,7 +349,7 @@ func (img *Image) extendL1(need uint64, l1 []uint64) error {
 	if err := img.syncFiles(); err != nil {
 		return img.fail(err)
 	}
-	h.L1Size = uint32(need)
+	img.updateHeader(func(h *Header) { h.L1Size = uint32(need) })
 	return nil
 }
 
@@ -335,7 +357,7 @@ func (img *Image) extendL1(need uint64, l1 []uint64) error {
 // entries, then zeros) to newly allocated clusters, points the header at
 // it and releases the old table.
 func (img *Image) moveL1(need uint64) error {
-	h := img.hdr
+	h := img.header()
 	cs := img.geo.clusterSize()
 	n := (int64(need)*8 + cs - 1) / cs
 	buf := make([]byte, n*cs)
@@ -370,7 +392,7 @@ func (img *Image) moveL1(need uint64) error {
 		return img.fail(err)
 	}
 	oldOff := h.L1TableOffset
-	h.L1Size, h.L1TableOffset = uint32(need), uint64(off)
+	img.updateHeader(func(h *Header) { h.L1Size, h.L1TableOffset = uint32(need), uint64(off) })
 	if oldBytes > 0 && oldOff != 0 {
 		if err := w.alloc.release(int64(oldOff), oldBytes); err != nil {
 			return img.fail(fmt.Errorf("qcow2: resize: releasing the old L1 table at %#x: %w", oldOff, err))
@@ -386,7 +408,7 @@ func (img *Image) moveL1(need uint64) error {
 // An image that passes qemu-img check has no such overlap; a crafted one
 // could, and extending the L1 table in place must not write over it.
 func (img *Image) metadataAt(off, n int64, l1 []uint64) string {
-	h := img.hdr
+	h := img.header()
 	cs := img.geo.clusterSize()
 	over := func(start, size int64) bool { return size > 0 && off < start+size && start < off+n }
 	if over(0, cs) {

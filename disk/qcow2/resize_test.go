@@ -663,13 +663,13 @@ func resizeRandom(t *testing.T, cs int64, opts string, seed uint64, steps int) {
 			}
 		case 2: // grow
 			ns := min(maxSize, size+512*(1+r.Int64N(4096)))
-			l1 := img.hdr.L1TableOffset
+			l1 := img.header().L1TableOffset
 			if err := img.Resize(ns); err != nil {
 				t.Fatalf("seed %d step %d: grow to %d: %v", seed, step, ns, err)
 			}
 			size = ns
 			grows++
-			if img.hdr.L1TableOffset != l1 {
+			if img.header().L1TableOffset != l1 {
 				moves++
 			}
 		case 3: // shrink

@@ -9,7 +9,7 @@ import (
 // Writes. A write to clusters allocated with refcount 1 (OFLAG_COPIED set;
 // with extended L2 entries, to subclusters already allocated) goes
 // straight to the host file, holding only the shared side of
-// writer.inplace. Any other write takes the allocation mutex and:
+// Image.reuse. Any other write takes the allocation mutex and:
 //
 //   - gives each guest cluster that needs one a host cluster (a free one,
 //     or one at the end of the file): unallocated and zero clusters,
@@ -37,34 +37,71 @@ const maxRunBytes = 8 << 20
 // write return a *disk.UnsupportedError; after a failed metadata update
 // or when corruption is found, every write returns that error.
 func (img *Image) WriteAt(p []byte, off int64) (int, error) {
+	return img.writeEntry(p, off, false)
+}
+
+var _ disk.FUAWriter = (*Image)(nil)
+
+// WriteAtFUA is WriteAt whose data is durable when it returns
+// (disk.FUAWriter). A write that lands wholly in allocated clusters,
+// whose mapping is already durable, makes only its own data durable
+// (pwritev2 with RWF_DSYNC on the host file); any other write is followed
+// by a Flush.
+func (img *Image) WriteAtFUA(p []byte, off int64) (int, error) {
+	return img.writeEntry(p, off, true)
+}
+
+// writeEntry admits WriteAt and WriteAtFUA.
+func (img *Image) writeEntry(p []byte, off int64, fua bool) (int, error) {
+	t, err := img.enter()
+	if err != nil {
+		return 0, err
+	}
+	defer img.exit(t)
 	if err := img.writable("write"); err != nil {
 		return 0, err
 	}
-	if err := disk.CheckRange(off, int64(len(p)), img.size); err != nil {
+	if err := disk.CheckRange(off, int64(len(p)), img.size.Load()); err != nil {
 		return 0, fmt.Errorf("qcow2: write: %w", err)
 	}
+	return img.writeAt(p, off, fua)
+}
+
+// writeAt is WriteAt (WriteAtFUA with fua set) for a caller already
+// admitted, with the range checked.
+func (img *Image) writeAt(p []byte, off int64, fua bool) (int, error) {
+	_, syncs := img.data.(disk.SyncWriter)
+	direct := fua && syncs // in-place pieces are written durably
+	needFlush := !direct   // with FUA: a Flush must follow
 	done := 0
 	for done < len(p) {
-		n, err := img.writeInPlace(p[done:], off+int64(done))
+		n, err := img.writeInPlace(p[done:], off+int64(done), direct)
 		done += n
-		if err != nil || done == len(p) {
+		if err != nil {
 			return done, err
 		}
+		if done == len(p) {
+			break
+		}
+		needFlush = true
 		n, err = img.writeAlloc(p[done:], off+int64(done))
 		done += n
 		if err != nil {
 			return done, err
 		}
 	}
+	if fua && (needFlush || !img.w.clean.Load()) {
+		return done, img.flush()
+	}
 	return done, nil
 }
 
 // writeInPlace writes the longest prefix of p (at guest offset pos) that
-// lies in clusters writable in place, and returns its length.
-func (img *Image) writeInPlace(p []byte, pos int64) (int, error) {
-	w := img.w
-	w.inplace.RLock()
-	defer w.inplace.RUnlock()
+// lies in clusters writable in place, and returns its length. With sync
+// set each piece is written durably (disk.SyncWriter).
+func (img *Image) writeInPlace(p []byte, pos int64, sync bool) (int, error) {
+	rt := img.reuse.Enter()
+	defer img.reuse.Exit(rt)
 	cb := img.geo.clusterBits
 	cs := img.geo.clusterSize()
 	runHost, runAt, runLen := int64(-1), 0, 0
@@ -72,7 +109,13 @@ func (img *Image) writeInPlace(p []byte, pos int64) (int, error) {
 		if runLen == 0 {
 			return nil
 		}
-		if _, err := img.data.WriteAt(p[runAt:runAt+runLen], runHost); err != nil {
+		var err error
+		if sync {
+			_, err = img.data.(disk.SyncWriter).WriteAtSync(p[runAt:runAt+runLen], runHost)
+		} else {
+			_, err = img.data.WriteAt(p[runAt:runAt+runLen], runHost)
+		}
+		if err != nil {
 			return fmt.Errorf("qcow2: writing data at %#x: %w", runHost, err)
 		}
 		img.startWriteback(runHost, int64(runLen))
@@ -281,6 +324,12 @@ func (img *Image) writeAllocLocked(p []byte, pos int64) (_ int, changed bool, _ 
 		fromP bool // b is part of p
 	}
 	var pieces []piece
+	var bufs []*[]byte // from img.clusterPool, returned when written
+	defer func() {
+		for _, b := range bufs {
+			img.clusterPool.Put(b)
+		}
+	}()
 	for j := range k {
 		cStart := groupStart + j*cs
 		a, b := max(pos, cStart), min(pos+n, cStart+cs) // the part p covers
@@ -304,12 +353,19 @@ func (img *Image) writeAllocLocked(p []byte, pos int64) (_ int, changed bool, _ 
 			// part of it.
 			pieces = append(pieces, piece{hosts[j] + a - cStart, p[a-pos : b-pos], false})
 		default:
-			buf := make([]byte, cs)
+			bp := img.clusterPool.Get().(*[]byte)
+			bufs = append(bufs, bp)
+			buf := *bp
 			lo, hi := int64(0), cs // what to fill from the current content
 			if g.extended && !move {
 				scs := int64(1) << g.subclusterBits()
 				lo = (a - cStart) &^ (scs - 1)
 				hi = alignUp(b-cStart, scs)
+				// Subclusters outside [lo, hi) stay unallocated: they
+				// are written as zeros, not as a pooled buffer's
+				// leftovers.
+				clear(buf[:lo])
+				clear(buf[hi:])
 			}
 			if lo < a-cStart {
 				if err := img.readOld(buf[lo:a-cStart], cStart+lo); err != nil {
@@ -439,7 +495,9 @@ func (img *Image) fillInPlace(p []byte, pos int64, word uint64, e l2Entry) (int,
 		unit = int64(1) << g.subclusterBits()
 	}
 	lo, hi := a&^(unit-1), alignUp(b, unit)
-	buf := make([]byte, hi-lo)
+	bp := img.clusterPool.Get().(*[]byte)
+	defer img.clusterPool.Put(bp)
+	buf := (*bp)[:hi-lo]
 	if lo < a {
 		if err := img.readOld(buf[:a-lo], cStart+lo); err != nil {
 			return 0, err
@@ -488,12 +546,12 @@ func (img *Image) startWriteback(off, n int64) {
 // readOld fills buf with the current content of the guest disk at off;
 // the part past the end of the disk reads as zeros.
 func (img *Image) readOld(buf []byte, off int64) error {
-	n := max(0, min(int64(len(buf)), img.size-off))
+	n := max(0, min(int64(len(buf)), img.size.Load()-off))
 	clear(buf[n:])
 	if n == 0 {
 		return nil
 	}
-	if _, err := img.ReadAt(buf[:n], off); err != nil {
+	if _, err := img.readAt(buf[:n], off); err != nil {
 		return fmt.Errorf("qcow2: reading guest offset %#x to copy it: %w", off, err)
 	}
 	return nil

@@ -19,7 +19,7 @@ var ErrProbedFormatChange = errors.New("write would change the probed format of 
 // driver. The caller holds img.guard and has checked the range.
 func (img *Image) checkProbe(off int64, data []byte, n int64) error {
 	var sector [sectorSize]byte
-	have := min(img.size, sectorSize)
+	have := min(img.size.Load(), sectorSize)
 	if m, err := img.f.ReadAt(sector[:have], 0); m < int(have) {
 		if err == nil || errors.Is(err, io.EOF) {
 			err = io.ErrUnexpectedEOF

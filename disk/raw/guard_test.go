@@ -61,8 +61,13 @@ func TestProbeGuard(t *testing.T) {
 		{"wrong version", nil, true, []op{write([]byte("QFI\xfb\x00\x00\x00\x09"), 0)}, false},
 		{"zeroes make it probe as another format", []byte("XXXXZERO"), true,
 			[]op{func(img *Image) error { return img.WriteZeroes(0, 4, 0) }}, true},
-		{"discard makes it probe as another format", []byte("XXXXZERO"), true,
-			[]op{func(img *Image) error { return img.Discard(0, 4) }}, true},
+		// A discard punches whole blocks only, so the first sector ends
+		// up all zeros, which no driver claims: the guard never refuses
+		// it, and a discard of less than a block does nothing.
+		{"discard of part of the first block", []byte("XXXXZERO"), true,
+			[]op{func(img *Image) error { return img.Discard(0, 4) }}, false},
+		{"discard of the first block", []byte("XXXXZERO"), true,
+			[]op{func(img *Image) error { return img.Discard(0, 4096) }}, false},
 		{"zeroes, named raw", []byte("XXXXZERO"), false,
 			[]op{func(img *Image) error { return img.WriteZeroes(0, 4, disk.ZeroNoUnmap) }}, false},
 		{"zeroing a qcow2 header away is allowed", qcow2Magic, true,

@@ -16,10 +16,12 @@ import (
 // Errors: disk.ErrClosed, disk.ErrOutOfRange (also for n == 0), and the
 // host file's errors.
 func (img *Image) Map(off, n int64) (disk.Extent, error) {
-	if img.closed.Load() {
-		return disk.Extent{}, fmt.Errorf("raw: map: %w", disk.ErrClosed)
+	t, err := img.enter("map")
+	if err != nil {
+		return disk.Extent{}, err
 	}
-	if err := disk.CheckRange(off, n, img.size); err != nil || n == 0 {
+	defer img.ops.Exit(t)
+	if err := disk.CheckRange(off, n, img.size.Load()); err != nil || n == 0 {
 		if err == nil {
 			err = fmt.Errorf("%w: empty map request at %d", disk.ErrOutOfRange, off)
 		}

@@ -7,8 +7,10 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 
 	"github.com/imgloop/imgloop/disk"
+	"github.com/imgloop/imgloop/disk/internal/gate"
 )
 
 // Name is the driver's format name.
@@ -36,10 +38,17 @@ func (Driver) Open(f disk.File, opts disk.OpenOptions) (disk.Image, error) {
 // Image is an open raw image. Its methods are safe for concurrent use.
 type Image struct {
 	f        disk.File
-	size     int64
+	size     atomic.Int64
 	readOnly bool
 	probed   bool
+	block    int64 // the host file system's block size
 	closed   atomic.Bool
+
+	// ops admits every call (shared); Close and Resize take it
+	// exclusively, so that they wait for the calls in flight.
+	ops gate.Gate
+	// resized tells the resize watchers.
+	resized disk.SizeWatchers
 
 	// guard serialises the probing check with writes to the first sector
 	// of a probed image; nothing else takes it.
@@ -52,6 +61,9 @@ var (
 	_ disk.ZeroWriter = (*Image)(nil)
 	_ disk.Mapper     = (*Image)(nil)
 	_ disk.Describer  = (*Image)(nil)
+	_ disk.Limiter    = (*Image)(nil)
+	_ disk.Capabler   = (*Image)(nil)
+	_ disk.FUAWriter  = (*Image)(nil)
 )
 
 // Open returns a raw image over f, whose virtual size is f's size now. On
@@ -66,28 +78,90 @@ func Open(f disk.File, opts disk.OpenOptions) (*Image, error) {
 	if err != nil {
 		return nil, fmt.Errorf("raw: size of %s: %w", f.Name(), err)
 	}
-	return &Image{f: f, size: size, readOnly: opts.ReadOnly, probed: opts.Probed}, nil
+	img := &Image{f: f, readOnly: opts.ReadOnly, probed: opts.Probed, block: blockSize(f)}
+	img.size.Store(size)
+	return img, nil
 }
 
-// Size returns the virtual disk size: the host file's size at Open.
-func (img *Image) Size() int64 { return img.size }
+// blockSize returns the block size of the file system holding f (its
+// st_blksize), 4096 when it cannot tell.
+func blockSize(f disk.File) int64 {
+	if of, ok := f.(interface{ File() *os.File }); ok {
+		if fi, err := of.File().Stat(); err == nil {
+			if st, ok := fi.Sys().(*syscall.Stat_t); ok && st.Blksize > 0 && st.Blksize&(st.Blksize-1) == 0 {
+				return int64(st.Blksize)
+			}
+		}
+	}
+	return 4096
+}
+
+// enter admits a call (see Image.ops); after Close it returns
+// disk.ErrClosed, wrapped for op.
+func (img *Image) enter(op string) (gate.Token, error) {
+	if img.closed.Load() {
+		return 0, fmt.Errorf("raw: %s: %w", op, disk.ErrClosed)
+	}
+	t := img.ops.Enter()
+	if img.closed.Load() {
+		img.ops.Exit(t)
+		return 0, fmt.Errorf("raw: %s: %w", op, disk.ErrClosed)
+	}
+	return t, nil
+}
+
+// Size returns the virtual disk size: the host file's size at Open, or
+// as set by Resize.
+func (img *Image) Size() int64 { return img.size.Load() }
+
+// Limits returns the image's block limits: any byte range can be read
+// or written; the file system's block is the preferred size and the unit
+// Discard punches.
+func (img *Image) Limits() disk.Limits {
+	return disk.Limits{
+		MinTransfer:       1,
+		PreferredTransfer: max(img.block, 512),
+		MaxTransfer:       disk.DefaultMaxTransfer,
+		DiscardAlignment:  img.block,
+		ZeroAlignment:     img.block,
+	}
+}
+
+// Capabilities says what the image does (disk.Capabler): opened
+// read-write, it flushes, resizes, writes durably one write at a time
+// where the host file can (FUA), and discards and zeroes where the host
+// file can punch holes or zero ranges.
+func (img *Image) Capabilities() disk.Capabilities {
+	c := disk.Capabilities{ReadOnly: img.readOnly, Extents: true}
+	if img.readOnly {
+		return c
+	}
+	_, punch := img.f.(disk.HolePuncher)
+	_, zero := img.f.(disk.ZeroRanger)
+	_, syncs := img.f.(disk.SyncWriter)
+	c.Flush, c.Resize, c.FUA = true, true, syncs
+	c.Discard, c.Zero = punch, punch || zero
+	return c
+}
 
 // SectorSize returns 512.
 func (img *Image) SectorSize() int { return sectorSize }
 
 // Info describes the image for `imgloop info`.
 func (img *Image) Info() disk.Info {
-	return disk.Info{Format: Name, VirtualSize: img.size}
+	return disk.Info{Format: Name, VirtualSize: img.size.Load()}
 }
 
 // ReadAt reads len(p) bytes at off. Errors: disk.ErrClosed,
 // disk.ErrOutOfRange, io.ErrUnexpectedEOF when the file has shrunk, and
 // the host file's errors.
 func (img *Image) ReadAt(p []byte, off int64) (int, error) {
-	if img.closed.Load() {
-		return 0, fmt.Errorf("raw: read: %w", disk.ErrClosed)
+	t, err := img.enter("read")
+	if err != nil {
+		return 0, err
 	}
-	if err := disk.CheckRange(off, int64(len(p)), img.size); err != nil {
+	defer img.ops.Exit(t)
+	if err := disk.CheckRange(off, int64(len(p)), img.size.Load()); err != nil {
 		return 0, fmt.Errorf("raw: read: %w", err)
 	}
 	n, err := img.f.ReadAt(p, off)
@@ -103,6 +177,23 @@ func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 // WriteAt writes p at off. Errors: disk.ErrClosed, disk.ErrReadOnly,
 // disk.ErrOutOfRange, ErrProbedFormatChange, and the host file's errors.
 func (img *Image) WriteAt(p []byte, off int64) (int, error) {
+	return img.write(p, off, false)
+}
+
+// WriteAtFUA is WriteAt whose data is durable when it returns
+// (disk.FUAWriter): only this write is synced (pwritev2 with RWF_DSYNC)
+// where the host file can, else the file is synced after it.
+func (img *Image) WriteAtFUA(p []byte, off int64) (int, error) {
+	return img.write(p, off, true)
+}
+
+// write implements WriteAt and WriteAtFUA.
+func (img *Image) write(p []byte, off int64, fua bool) (int, error) {
+	t, err := img.enter("write")
+	if err != nil {
+		return 0, err
+	}
+	defer img.ops.Exit(t)
 	if err := img.checkWrite("write", off, int64(len(p))); err != nil {
 		return 0, err
 	}
@@ -113,7 +204,18 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 			return 0, err
 		}
 	}
-	n, err := img.f.WriteAt(p, off)
+	var n int
+	sw, direct := img.f.(disk.SyncWriter)
+	if fua && direct {
+		n, err = sw.WriteAtSync(p, off)
+	} else {
+		n, err = img.f.WriteAt(p, off)
+	}
+	if err == nil && n == len(p) && fua && !direct {
+		if err := img.f.Sync(); err != nil {
+			return n, img.hostErr("flush", -1, err)
+		}
+	}
 	if err != nil {
 		return n, img.hostErr("write", off+int64(n), err)
 	}
@@ -126,9 +228,16 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 // Flush makes completed writes durable (the host file's Sync; nothing for
 // a read-only image). Errors: disk.ErrClosed and the host file's errors.
 func (img *Image) Flush() error {
-	if img.closed.Load() {
-		return fmt.Errorf("raw: flush: %w", disk.ErrClosed)
+	t, err := img.enter("flush")
+	if err != nil {
+		return err
 	}
+	defer img.ops.Exit(t)
+	return img.flush()
+}
+
+// flush is Flush for a caller already admitted.
+func (img *Image) flush() error {
 	if img.readOnly {
 		return nil
 	}
@@ -138,13 +247,16 @@ func (img *Image) Flush() error {
 	return nil
 }
 
-// Close flushes and closes the host file; a second Close returns
-// disk.ErrClosed. The file is closed even when the flush fails, and the
-// flush error is returned.
+// Close waits for the calls in flight, then flushes and closes the host
+// file; calls made after it, and a second Close, return disk.ErrClosed.
+// The file is closed even when the flush fails, and the flush error is
+// returned.
 func (img *Image) Close() error {
 	if !img.closed.CompareAndSwap(false, true) {
 		return fmt.Errorf("raw: close: %w", disk.ErrClosed)
 	}
+	img.ops.Lock()
+	defer img.ops.Unlock()
 	var ferr error
 	if !img.readOnly {
 		if err := img.f.Sync(); err != nil {
@@ -157,15 +269,12 @@ func (img *Image) Close() error {
 	return ferr
 }
 
-// checkWrite validates a mutation of [off, off+n).
+// checkWrite validates a mutation of [off, off+n) by an admitted call.
 func (img *Image) checkWrite(op string, off, n int64) error {
-	if img.closed.Load() {
-		return fmt.Errorf("raw: %s: %w", op, disk.ErrClosed)
-	}
 	if img.readOnly {
 		return fmt.Errorf("raw: %s: %w", op, disk.ErrReadOnly)
 	}
-	if err := disk.CheckRange(off, n, img.size); err != nil {
+	if err := disk.CheckRange(off, n, img.size.Load()); err != nil {
 		return fmt.Errorf("raw: %s: %w", op, err)
 	}
 	return nil

@@ -14,10 +14,33 @@ var _ disk.Resizer = (*Image)(nil)
 // more is accepted (raw images need not be a multiple of 512 bytes). The
 // new length is synced before Resize returns.
 //
-// Resize must not run concurrently with other calls on img. Errors:
-// disk.ErrClosed, disk.ErrReadOnly, and the host file's errors (for
-// example EFBIG past the file system's limit), wrapped.
+// Resize waits for the calls in flight, and calls made meanwhile wait
+// for it; afterwards the functions registered with NotifyResize are
+// called with the new size. Errors: disk.ErrClosed, disk.ErrReadOnly,
+// and the host file's errors (for example EFBIG past the file system's
+// limit), wrapped.
 func (img *Image) Resize(size int64) error {
+	if img.closed.Load() {
+		return fmt.Errorf("raw: resize: %w", disk.ErrClosed)
+	}
+	img.ops.Lock()
+	err := img.resize(size)
+	img.ops.Unlock()
+	if err != nil {
+		return err
+	}
+	img.resized.Notify(size)
+	return nil
+}
+
+var _ disk.ResizeNotifier = (*Image)(nil)
+
+// NotifyResize registers fn to be called after each successful Resize
+// (disk.ResizeNotifier).
+func (img *Image) NotifyResize(fn func(size int64)) (stop func()) { return img.resized.Add(fn) }
+
+// resize is Resize under the exclusive side of img.ops.
+func (img *Image) resize(size int64) error {
 	if img.closed.Load() {
 		return fmt.Errorf("raw: resize: %w", disk.ErrClosed)
 	}
@@ -30,7 +53,7 @@ func (img *Image) Resize(size int64) error {
 	if err := img.f.Truncate(size); err != nil {
 		return img.hostErr("resize", -1, err)
 	}
-	img.size = size
+	img.size.Store(size)
 	if err := img.f.Sync(); err != nil {
 		return img.hostErr("resize", -1, err)
 	}

@@ -13,31 +13,45 @@ const zeroChunk = 256 << 10
 // zeroBuf is the source of the zero-writing fallback; it is never written.
 var zeroBuf [zeroChunk]byte
 
-// Discard deallocates [off, off+n) by punching a hole in the host file;
-// the range then reads as zeros. Errors: disk.ErrClosed, disk.ErrReadOnly,
-// disk.ErrOutOfRange, ErrProbedFormatChange, disk.ErrNotSupported when the
-// host file cannot punch holes, and the host file's errors.
+// Discard deallocates the whole file system blocks of [off, off+n) (see
+// Limits) by punching a hole in the host file; they then read as zeros.
+// The unaligned head and tail are left as they are (disk.Discarder): a
+// hole punched there would zero them. Errors: disk.ErrClosed,
+// disk.ErrReadOnly, disk.ErrOutOfRange, ErrProbedFormatChange,
+// disk.ErrNotSupported when the host file cannot punch holes, and the
+// host file's errors.
 func (img *Image) Discard(off, n int64) error {
-	if err := img.checkWrite("discard", off, n); err != nil {
+	t, err := img.enter("discard")
+	if err != nil {
 		return err
 	}
-	if n == 0 {
-		return nil
+	defer img.ops.Exit(t)
+	if err := img.checkWrite("discard", off, n); err != nil {
+		return err
 	}
 	hp, ok := img.f.(disk.HolePuncher)
 	if !ok {
 		return fmt.Errorf("raw: discard on %s: %w", img.f.Name(), disk.ErrNotSupported)
 	}
-	unlock, err := img.guardZeroes(off, n)
+	end := off + n
+	a := (off + img.block - 1) / img.block * img.block
+	b := end / img.block * img.block
+	if end == img.size.Load() {
+		b = end // the file's last, partial block goes whole
+	}
+	if a >= b {
+		return nil
+	}
+	unlock, err := img.guardZeroes(a, b-a)
 	if err != nil {
 		return err
 	}
 	defer unlock()
-	if err := hp.PunchHole(off, n); err != nil {
+	if err := hp.PunchHole(a, b-a); err != nil {
 		if errors.Is(err, errors.ErrUnsupported) {
 			return fmt.Errorf("raw: discard on %s: %w: %w", img.f.Name(), disk.ErrNotSupported, err)
 		}
-		return img.hostErr("discard", off, err)
+		return img.hostErr("discard", a, err)
 	}
 	return nil
 }
@@ -45,8 +59,16 @@ func (img *Image) Discard(off, n int64) error {
 // WriteZeroes makes [off, off+n) read as zeros: by punching a hole unless
 // flags has disk.ZeroNoUnmap, else (or when punching is not possible) by
 // zeroing the range in place (fallocate ZERO_RANGE where the host file
-// offers it, writing zero bytes otherwise). Errors: as for WriteAt.
+// offers it, writing zero bytes otherwise). With disk.ZeroFast it fails
+// with disk.ErrSlowZero, before writing anything, where it would have to
+// write zero bytes; with disk.ZeroFUA the file is synced before it
+// returns. Errors: as for WriteAt.
 func (img *Image) WriteZeroes(off, n int64, flags disk.ZeroFlags) error {
+	t, err := img.enter("write zeroes")
+	if err != nil {
+		return err
+	}
+	defer img.ops.Exit(t)
 	if err := img.checkWrite("write zeroes", off, n); err != nil {
 		return err
 	}
@@ -58,6 +80,17 @@ func (img *Image) WriteZeroes(off, n int64, flags disk.ZeroFlags) error {
 		return err
 	}
 	defer unlock()
+	if err := img.zero(off, n, flags); err != nil {
+		return err
+	}
+	if flags&disk.ZeroFUA != 0 {
+		return img.flush()
+	}
+	return nil
+}
+
+// zero implements WriteZeroes.
+func (img *Image) zero(off, n int64, flags disk.ZeroFlags) error {
 	if hp, ok := img.f.(disk.HolePuncher); ok && flags&disk.ZeroNoUnmap == 0 {
 		err := hp.PunchHole(off, n)
 		if err == nil {
@@ -75,6 +108,9 @@ func (img *Image) WriteZeroes(off, n int64, flags disk.ZeroFlags) error {
 		if !errors.Is(err, errors.ErrUnsupported) {
 			return img.hostErr("write zeroes", off, err)
 		}
+	}
+	if flags&disk.ZeroFast != 0 {
+		return fmt.Errorf("raw: write zeroes on %s: %w", img.f.Name(), disk.ErrSlowZero)
 	}
 	for n > 0 {
 		k := min(n, zeroChunk)
