@@ -36,6 +36,21 @@ type OpenOptions struct {
 	// sets it; drivers read it (raw refuses first-sector writes that would
 	// change the probed format).
 	Probed bool
+	// ShareWrite lets other processes write to and resize the image
+	// while this read-only open reads it, as far as the format allows:
+	// a qcow2 file still refuses to be shared for writing (its metadata
+	// would change under the driver), a raw file is shared as it is. It
+	// is how qemu-img info, map and check open (a BlockBackend sharing
+	// every permission); without it a read-only open refuses others'
+	// writes, as qemu-img convert's source. Only for read-only opens.
+	ShareWrite bool
+	// ForceShare takes the image without refusing anything to others
+	// (qemu-img -U, QEMU's force-share=on): other processes may write to
+	// it, and what this open reads may then be inconsistent. The open
+	// still takes the consistent-read permission, as QEMU does, so that
+	// it conflicts only with a process that refuses to share even that.
+	// It applies to the backing chain too. Only for read-only opens.
+	ForceShare bool
 	// Parents lists the absolute paths of the overlays that opened this
 	// image as their backing file, outermost first. Drivers that open
 	// backing files pass it on, with their own path appended, so that Open
@@ -45,10 +60,19 @@ type OpenOptions struct {
 }
 
 // Open opens the image at path with the driver opts.Format names, or the
-// one Detect picks. Errors: ErrUnknownFormat, *FormatError (ErrFormat),
-// *UnsupportedError (ErrNotSupported), and the *fs.PathError of the host
-// file.
+// one Detect picks, and locks its host files as QEMU does (see
+// OpenOptions.Access and lock.go): the image file, the backing files
+// (read-only, shared with other readers) and an external data file. The
+// locks are released when the image is closed.
+//
+// Errors: ErrUnknownFormat, *FormatError (ErrFormat), *UnsupportedError
+// (ErrNotSupported), *LockError (ErrLocked) when another process uses the
+// image in a way that conflicts, an error for ForceShare or ShareWrite
+// with a read-write open, and the *fs.PathError of the host file.
 func Open(path string, opts OpenOptions) (Image, error) {
+	if _, err := opts.Access(); err != nil {
+		return nil, err
+	}
 	abs, err := filepath.Abs(path)
 	if err != nil {
 		return nil, err
@@ -77,8 +101,38 @@ func Open(path string, opts OpenOptions) (Image, error) {
 }
 
 // OpenFile opens the image held in f, as Open does. On success the image
-// owns f; on error the caller still does.
+// owns f; on error the caller still does. When f is a host file that locks
+// (a *hostfile.OSFile) OpenFile takes its locks as Open does, and releases
+// them again on error; other files (in-memory test files, a caller's own
+// wrapper) are not locked: locking them is left to the caller.
 func OpenFile(f File, opts OpenOptions) (Image, error) {
+	d, err := driverFor(f, &opts)
+	if err != nil {
+		return nil, err
+	}
+	role := RoleImage
+	if r, ok := d.(FileRoler); ok {
+		role = r.FileRole()
+	}
+	a, err := opts.FileAccess(role)
+	if err != nil {
+		return nil, err
+	}
+	unlock, err := lockFile(f, a)
+	if err != nil {
+		return nil, err
+	}
+	img, err := d.Open(f, opts)
+	if err != nil {
+		unlock()
+		return nil, err
+	}
+	return img, nil
+}
+
+// driverFor returns the driver opts.Format names, or the one that
+// detects f (setting opts.Probed).
+func driverFor(f File, opts *OpenOptions) (Driver, error) {
 	var d Driver
 	var err error
 	if opts.Format != "" {
@@ -95,5 +149,5 @@ func OpenFile(f File, opts OpenOptions) (Image, error) {
 	if err != nil {
 		return nil, err
 	}
-	return d.Open(f, opts)
+	return d, nil
 }

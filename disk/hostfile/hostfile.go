@@ -9,12 +9,21 @@
 // # Concurrency
 //
 // All methods are safe for concurrent use.
+//
+// # Locking
+//
+// OSFile.Lock takes QEMU's image locks (lock.go): OFD locks on the bytes
+// that stand for the permissions an open holds and those it refuses to
+// share, so that imgloop and QEMU processes using one image exclude each
+// other as QEMU processes do. Create takes a creator's locks before it
+// truncates.
 package hostfile
 
 import (
 	"errors"
 	"io"
 	"os"
+	"sync"
 
 	"golang.org/x/sys/unix"
 )
@@ -22,6 +31,9 @@ import (
 // OSFile is a host file backed by an *os.File.
 type OSFile struct {
 	f *os.File
+
+	lockMu sync.Mutex // guards lock
+	lock   lockState
 }
 
 // Open opens path read-only or read-write.
@@ -37,13 +49,29 @@ func Open(path string, readOnly bool) (*OSFile, error) {
 	return &OSFile{f: f}, nil
 }
 
-// Create creates (or truncates) path for reading and writing.
+// Create creates (or truncates) path for reading and writing. As QEMU's
+// file creation (block/file-posix.c raw_co_create) it first takes a
+// creator's locks, holding PermWrite and PermResize and refusing to share
+// PermResize, and truncates only then: a file another process uses is
+// left as it is. The locks are held until Close (or a later Lock).
+//
+// Errors: the *fs.PathError of the open, a *LockError (ErrLocked) when
+// another user of the file conflicts, the truncation's error.
 func Create(path string) (*OSFile, error) {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
 	if err != nil {
 		return nil, err
 	}
-	return &OSFile{f: f}, nil
+	o := &OSFile{f: f}
+	if err := o.Lock(PermWrite|PermResize, PermAll&^PermResize); err != nil {
+		f.Close()
+		return nil, err
+	}
+	if err := f.Truncate(0); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return o, nil
 }
 
 // New wraps an open *os.File; the OSFile takes ownership of it.

@@ -36,7 +36,8 @@ func isProtocolName(name string) bool {
 
 // openBacking opens the backing file named in the header, read-only, with
 // opts.Parents extended by this image's path so that disk.Open refuses
-// loops and over-deep chains.
+// loops and over-deep chains, and with opts' sharing (ShareWrite,
+// ForceShare) for its locks.
 func (img *Image) openBacking(opts disk.OpenOptions) error {
 	name := img.header().BackingFile
 	if name == "" {
@@ -58,11 +59,16 @@ func (img *Image) openBacking(opts disk.OpenOptions) error {
 		}
 	}
 	parents := append(slices.Clip(opts.Parents), self)
+	// Locks: QEMU's backing child takes consistent read only, and shares
+	// writes when the overlay's user does (bdrv_default_perms_for_cow);
+	// force-share is inherited.
 	b, err := disk.Open(img.backingFull, disk.OpenOptions{
-		Format:    img.header().BackingFormat,
-		ReadOnly:  true,
-		CacheSize: opts.CacheSize,
-		Parents:   parents,
+		Format:     img.header().BackingFormat,
+		ReadOnly:   true,
+		CacheSize:  opts.CacheSize,
+		Parents:    parents,
+		ShareWrite: opts.ShareWrite,
+		ForceShare: opts.ForceShare,
 	})
 	if err != nil {
 		return fmt.Errorf("qcow2: backing file %q: %w", name, err)

@@ -4,14 +4,14 @@ import (
 	"fmt"
 
 	"github.com/imgloop/imgloop/disk"
-	"github.com/imgloop/imgloop/disk/hostfile"
 )
 
 // openDataFile opens the external data file (incompatible feature bit 2),
-// read-only unless rw is set; guest clusters are then read from it. Its name comes from
-// the external data file name header extension, resolved against the
-// image's folder.
-func (img *Image) openDataFile(rw bool) error {
+// read-only unless opts open the image read-write, and locks it as a file
+// holding guest data (disk.OpenChildFile); guest clusters are then read
+// from it. Its name comes from the external data file name header
+// extension, resolved against the image's folder.
+func (img *Image) openDataFile(opts disk.OpenOptions) error {
 	if !img.header().HasDataFile() {
 		return nil
 	}
@@ -23,7 +23,7 @@ func (img *Image) openDataFile(rw bool) error {
 		return &disk.UnsupportedError{Format: formatName, Feature: fmt.Sprintf("data file %q (a QEMU protocol name)", name)}
 	}
 	path := resolveName(img.f.Name(), name)
-	f, err := hostfile.Open(path, !rw)
+	f, err := disk.OpenChildFile(path, disk.RoleData, opts)
 	if err != nil {
 		return fmt.Errorf("qcow2: data file %q: %w", name, err)
 	}

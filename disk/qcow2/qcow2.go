@@ -256,7 +256,7 @@ func Open(f disk.File, opts disk.OpenOptions) (_ *Image, err error) {
 	if img.snaps, err = readSnapshots(f, h, fileSize); err != nil {
 		return nil, err
 	}
-	if err = img.openDataFile(!opts.ReadOnly && opts.Snapshot == ""); err != nil {
+	if err = img.openDataFile(opts); err != nil {
 		return nil, err
 	}
 	l1Offset, l1Size := h.L1TableOffset, h.L1Size

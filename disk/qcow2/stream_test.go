@@ -366,6 +366,10 @@ func TestStreamWriterBacking(t *testing.T) {
 			if err := w.Close(); err != nil {
 				t.Fatal(err)
 			}
+			// The creator's locks go with the file.
+			if err := f.Close(); err != nil {
+				t.Fatal(err)
+			}
 			out := qemutest.Img(t, "check", "-f", "qcow2", path)
 			if !strings.Contains(out, "No errors were found") || strings.Contains(out, "leaked") {
 				t.Fatalf("qemu-img check:\n%s", out)

@@ -117,10 +117,11 @@ func TestProbeGuardThroughOpen(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer probed.Close()
 	if _, err := probed.WriteAt(qcow2Magic, 0); !errors.Is(err, ErrProbedFormatChange) {
 		t.Fatalf("probed open: WriteAt(qcow2 magic) = %v, want ErrProbedFormatChange", err)
 	}
+	// A second writer would be refused its locks while the first is open.
+	probed.Close()
 	named, err := disk.Open(path, disk.OpenOptions{Format: "raw"})
 	if err != nil {
 		t.Fatal(err)
