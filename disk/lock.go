@@ -171,6 +171,20 @@ func lockFile(f File, a Access) (unlock func(), err error) {
 	return func() { _ = l.Lock(0, PermAll) }, nil
 }
 
+// lockImageFile takes on f, the image file of an image of driver d opened
+// with opts, the locks of its role (FileRoler; RoleImage by default).
+func lockImageFile(f File, d Driver, opts OpenOptions) (unlock func(), err error) {
+	role := RoleImage
+	if r, ok := d.(FileRoler); ok {
+		role = r.FileRole()
+	}
+	a, err := opts.FileAccess(role)
+	if err != nil {
+		return nil, err
+	}
+	return lockFile(f, a)
+}
+
 // OpenChildFile opens the host file at path that a driver keeps in role r
 // for an image opened with opts (an external data file), read-write when
 // the image is opened read-write, and takes its locks (FileAccess). The
@@ -188,6 +202,31 @@ func OpenChildFile(path string, r Role, opts OpenOptions) (File, error) {
 		return nil, err
 	}
 	if _, err := lockFile(f, a); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return f, nil
+}
+
+// CreateFile creates (or truncates) the host file of a new image at path
+// that the caller writes itself (a convert destination): it takes QEMU's
+// creator locks before truncating (hostfile.Create: a file another
+// process uses is left as it is), then a writer's (OpenOptions{} for
+// RoleImage: refusing others' reads and writes), held until the file is
+// closed.
+//
+// Errors: the *fs.PathError of the open, a *LockError (ErrLocked) when
+// another process conflicts.
+func CreateFile(path string) (*hostfile.OSFile, error) {
+	f, err := hostfile.Create(path)
+	if err != nil {
+		return nil, err
+	}
+	a, err := OpenOptions{}.FileAccess(RoleImage)
+	if err == nil {
+		err = f.Lock(a.Perm, a.Shared)
+	}
+	if err != nil {
 		f.Close()
 		return nil, err
 	}

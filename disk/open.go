@@ -110,15 +110,7 @@ func OpenFile(f File, opts OpenOptions) (Image, error) {
 	if err != nil {
 		return nil, err
 	}
-	role := RoleImage
-	if r, ok := d.(FileRoler); ok {
-		role = r.FileRole()
-	}
-	a, err := opts.FileAccess(role)
-	if err != nil {
-		return nil, err
-	}
-	unlock, err := lockFile(f, a)
+	unlock, err := lockImageFile(f, d, opts)
 	if err != nil {
 		return nil, err
 	}
