@@ -204,7 +204,10 @@ func (p *createParams) probeBacking(path string, size *int64, unsafe bool) error
 		}
 		return optErr("backing file specified without backing format (detected format of %s; give -F %s)", detected, detected)
 	}
-	img, err := disk.Open(full, disk.OpenOptions{Format: p.backingFmt, ReadOnly: true, Parents: []string{absPath(path)}})
+	// Opened as qemu-img create opens it, to learn its size: read, with
+	// writes shared where the format allows (bdrv_img_create has no
+	// BlockBackend refusing them).
+	img, err := disk.Open(full, disk.OpenOptions{Format: p.backingFmt, ReadOnly: true, ShareWrite: true, Parents: []string{absPath(path)}})
 	if err != nil {
 		return fmt.Errorf("qcow2: could not open backing image %q: %w", p.backingFile, err)
 	}
