@@ -7,11 +7,8 @@ import (
 	"io"
 
 	"github.com/spf13/cobra"
-	"golang.org/x/sys/unix"
 
 	"github.com/imgloop/imgloop/disk"
-	"github.com/imgloop/imgloop/disk/hostfile"
-	"github.com/imgloop/imgloop/disk/qcow2"
 )
 
 // statusError is an error that ends imgloop with a given exit status (as
@@ -55,39 +52,25 @@ func newCheckCmd() *cobra.Command {
 			if err := checkOutput(output); err != nil {
 				return err
 			}
-			mode := qcow2.RepairNone
+			mode := disk.RepairNone
 			switch repair {
 			case "":
 			case "leaks":
-				mode = qcow2.RepairLeaks
+				mode = disk.RepairLeaks
 			case "all":
-				mode = qcow2.RepairAll
+				mode = disk.RepairAll
 			default:
 				return fmt.Errorf("-r: unknown value %q (expecting 'leaks' or 'all')", repair)
 			}
+			if forceShare && mode != disk.RepairNone {
+				// As qemu-img: force-share is for read-only opens.
+				return errors.New("-U: --force-share cannot be used with -r (a repair takes the write lock)")
+			}
 			path := args[0]
-			f, err := hostfile.Open(path, mode == qcow2.RepairNone)
-			if err != nil {
-				return err
+			r, err := disk.Check(path, disk.CheckOptions{Format: format, Repair: mode, ForceShare: forceShare, Filename: path})
+			if errors.Is(err, disk.ErrNoCheck) {
+				return &statusError{code: disk.CheckExitNotSupported, msg: "This image format does not support checks"}
 			}
-			defer f.Close()
-			switch {
-			case mode != qcow2.RepairNone:
-				err = lockImage(f, true)
-			case !forceShare:
-				err = lockImage(f, false)
-			}
-			if err != nil {
-				return fmt.Errorf("%s: %w", path, err)
-			}
-			name, err := checkFormat(f, format)
-			if err != nil {
-				return err
-			}
-			if name != "qcow2" {
-				return &statusError{code: qcow2.CheckExitNotSupported, msg: "This image format does not support checks"}
-			}
-			r, err := qcow2.Check(f, qcow2.CheckOptions{Filename: path, Repair: mode})
 			if err != nil {
 				return err
 			}
@@ -101,32 +84,10 @@ func newCheckCmd() *cobra.Command {
 	return cmd
 }
 
-// checkFormat returns the name of the format of f: format if given (it
-// must be a known one), else the detected one.
-func checkFormat(f disk.File, format string) (string, error) {
-	if format != "" {
-		d, err := disk.Lookup(format)
-		if err != nil {
-			return "", err
-		}
-		return d.Name(), nil
-	}
-	var hdr [disk.ProbeSize]byte
-	n, err := f.ReadAt(hdr[:], 0)
-	if err != nil && !errors.Is(err, io.EOF) {
-		return "", fmt.Errorf("reading %s: %w", f.Name(), err)
-	}
-	d, err := disk.Detect(hdr[:n])
-	if err != nil {
-		return "", err
-	}
-	return d.Name(), nil
-}
-
 // reportCheck prints r: the findings on stderr, the report on stdout (as
 // qemu-img check's human or JSON output), and returns the error that
 // gives qemu-img's exit status.
-func reportCheck(stdout, stderr io.Writer, r *qcow2.CheckResult, asJSON bool) error {
+func reportCheck(stdout, stderr io.Writer, r *disk.CheckResult, asJSON bool) error {
 	for _, m := range r.Messages {
 		fmt.Fprintln(stderr, m)
 	}
@@ -135,7 +96,7 @@ func reportCheck(stdout, stderr io.Writer, r *qcow2.CheckResult, asJSON bool) er
 	}
 	if r.Failure != "" {
 		// As qemu-img: no report for a check that did not complete.
-		return &statusError{code: qcow2.CheckExitFailed, msg: "Check failed: " + r.Failure}
+		return &statusError{code: disk.CheckExitFailed, msg: "Check failed: " + r.Failure}
 	}
 	var err error
 	if !asJSON && (r.LeaksFixed > 0 || r.CorruptionsFixed > 0) {
@@ -155,71 +116,20 @@ func reportCheck(stdout, stderr io.Writer, r *qcow2.CheckResult, asJSON bool) er
 		return err
 	}
 	switch code := r.ExitCode(); code {
-	case qcow2.CheckExitClean:
+	case disk.CheckExitClean:
 		return nil
-	case qcow2.CheckExitFailed:
+	case disk.CheckExitFailed:
 		return &statusError{code: code, msg: "Check failed"}
-	case qcow2.CheckExitCorruptions:
+	case disk.CheckExitCorruptions:
 		return &statusError{code: code, msg: fmt.Sprintf("check: %d errors found on the image", r.Corruptions)}
 	default:
 		return &statusError{code: code, msg: fmt.Sprintf("check: %d leaked clusters found on the image", r.Leaks)}
 	}
 }
 
-// QEMU's image locking (block/file-posix.c): a process holding permission
-// bit i of an image locks byte lockPermBase+i of it (a shared OFD lock),
-// and one refusing to share permission i locks byte lockSharedBase+i.
-const (
-	lockPermBase       = 100
-	lockSharedBase     = 200
-	permConsistentRead = 0
-	permWrite          = 1
-	permResize         = 3
-)
-
-// lockImage takes the locks QEMU takes to read (write: to write) an
-// image without letting others write to it, as qemu-img check (-r) does,
-// so that imgloop and a QEMU process using the image exclude each other.
-// The locks last until f is closed.
-func lockImage(f *hostfile.OSFile, write bool) error {
-	fd := f.File().Fd()
-	lock := func(cmd int, typ int16, b int64) (*unix.Flock_t, error) {
-		l := &unix.Flock_t{Type: typ, Whence: 0, Start: b, Len: 1}
-		return l, unix.FcntlFlock(fd, cmd, l)
-	}
-	// What we hold, and what we refuse to share (others' writes).
-	held := []int64{lockPermBase + permConsistentRead}
-	unshared := []int64{lockSharedBase + permWrite}
-	// Others must neither refuse to share what we hold nor hold what we
-	// refuse to share.
-	conflicts := []int64{lockSharedBase + permConsistentRead, lockPermBase + permWrite}
-	what := "shared \"write\""
-	if write {
-		held = append(held, lockPermBase+permWrite)
-		unshared = append(unshared, lockSharedBase+permResize)
-		conflicts = append(conflicts, lockSharedBase+permWrite, lockPermBase+permResize)
-		what = "\"write\""
-	}
-	for _, b := range append(held, unshared...) {
-		if _, err := lock(unix.F_OFD_SETLK, unix.F_RDLCK, b); err != nil {
-			return fmt.Errorf("failed to get %s lock: %w (is another process using the image?)", what, err)
-		}
-	}
-	for _, b := range conflicts {
-		l, err := lock(unix.F_OFD_GETLK, unix.F_WRLCK, b)
-		if err != nil {
-			return fmt.Errorf("testing the image locks: %w", err)
-		}
-		if l.Type != unix.F_UNLCK {
-			return fmt.Errorf("failed to get %s lock: is another process using the image? (-U checks it anyway)", what)
-		}
-	}
-	return nil
-}
-
 // humanCheck formats r as qemu-img check's human output
 // (dump_human_image_check).
-func humanCheck(r *qcow2.CheckResult) string {
+func humanCheck(r *disk.CheckResult) string {
 	var s string
 	if r.Corruptions == 0 && r.Leaks == 0 && r.CheckErrors == 0 {
 		s += "No errors were found on the image.\n"

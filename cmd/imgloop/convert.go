@@ -8,6 +8,8 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
+	"strings"
 	"syscall"
 	"time"
 
@@ -17,7 +19,6 @@ import (
 	"github.com/imgloop/imgloop/convert"
 	"github.com/imgloop/imgloop/disk"
 	"github.com/imgloop/imgloop/disk/hostfile"
-	"github.com/imgloop/imgloop/disk/qcow2"
 	"github.com/imgloop/imgloop/internal/report"
 )
 
@@ -25,7 +26,7 @@ func newConvertCmd() *cobra.Command {
 	var src imageFlags
 	var outFormat, cache, backing, backingFmt string
 	var progress, compress bool
-	var createOpts []string
+	var optionArgs []string
 	var workers, chunk int
 	var sparse int64
 	cmd := &cobra.Command{
@@ -47,31 +48,32 @@ func newConvertCmd() *cobra.Command {
 			"On failure or interruption a qcow2 DST is removed.",
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var qcowOpts map[string]string
+			var createOpts map[string]string
 			switch outFormat {
 			case "raw":
 				if compress {
 					return fmt.Errorf("-c: compression is not supported with -O raw")
 				}
-				if len(createOpts) > 0 {
+				if len(optionArgs) > 0 {
 					return fmt.Errorf("-o: no options are supported with -O raw")
 				}
 				if backing != "" || backingFmt != "" {
 					return fmt.Errorf("-B/-F: a backing file needs -O qcow2")
 				}
-			case "qcow2":
-				var err error
-				if qcowOpts, err = parseCreateOptions(createOpts); err != nil {
-					return err
-				}
-				if err := mergeBacking(qcowOpts, backing, backingFmt); err != nil {
-					return err
-				}
 			default:
-				if _, err := disk.Lookup(outFormat); err != nil {
+				d, err := disk.Lookup(outFormat)
+				if err != nil {
 					return fmt.Errorf("-O: %w", err)
 				}
-				return fmt.Errorf("-O %s: output format not supported yet (raw or qcow2)", outFormat)
+				if _, ok := d.(disk.StreamCreator); !ok {
+					return fmt.Errorf("-O %s: output format not supported yet (%s)", outFormat, strings.Join(outputFormats(), " or "))
+				}
+				if createOpts, err = parseCreateOptions(optionArgs); err != nil {
+					return err
+				}
+				if err := mergeBacking(createOpts, backing, backingFmt); err != nil {
+					return err
+				}
 			}
 			opts := convert.Options{Workers: workers, ChunkSize: chunk, SparseSize: int(sparse)}
 			if sparse == 0 {
@@ -92,8 +94,8 @@ func newConvertCmd() *cobra.Command {
 			if progress {
 				bar = cmd.ErrOrStderr()
 			}
-			if outFormat == "qcow2" {
-				return convertQcow2(cmd.Context(), args[0], args[1], src.options(), opts, qcowOpts, compress, cache == cacheWriteback, bar)
+			if outFormat != "raw" {
+				return convertStream(cmd.Context(), args[0], args[1], src.options(), opts, outFormat, createOpts, compress, cache == cacheWriteback, bar)
 			}
 			return convertRaw(cmd.Context(), args[0], args[1], src.options(), opts, cache == cacheWriteback, bar)
 		},
@@ -101,7 +103,7 @@ func newConvertCmd() *cobra.Command {
 	addImageFlags(cmd, &src)
 	cmd.Flags().StringVarP(&outFormat, "output-format", "O", "raw", "output format (raw or qcow2)")
 	cmd.Flags().BoolVarP(&compress, "compress", "c", false, "compress the output's clusters (-O qcow2)")
-	cmd.Flags().StringArrayVarP(&createOpts, "options", "o", nil, "output image `OPTIONS` (-O qcow2), name=value pairs separated by commas")
+	cmd.Flags().StringArrayVarP(&optionArgs, "options", "o", nil, "output image `OPTIONS` (-O qcow2), name=value pairs separated by commas")
 	cmd.Flags().StringVarP(&backing, "backing", "B", "", "backing file of DST (-O qcow2); only what SRC's top layer defines is copied")
 	cmd.Flags().StringVarP(&backing, "backing-file", "b", "", "same as -B (qemu-img 10.1 spelling)")
 	_ = cmd.Flags().MarkHidden("backing-file")
@@ -141,11 +143,14 @@ func convertRaw(ctx context.Context, src, dst string, open disk.OpenOptions, opt
 	if df := dataFile(src, img); df != "" {
 		opts.Prefetch = append(opts.Prefetch, df)
 	}
-	f, err := os.OpenFile(dst, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
+	// Locked as a writer of it, after a creator's locks: a file another
+	// process uses is left as it is.
+	hf, err := disk.CreateFile(dst)
 	if err != nil {
 		return err
 	}
-	defer f.Close()
+	defer hf.Close()
+	f := hf.File()
 	if err := f.Truncate(img.Size()); err != nil {
 		return err
 	}
@@ -171,7 +176,7 @@ func convertRaw(ctx context.Context, src, dst string, open disk.OpenOptions, opt
 			return err
 		}
 	}
-	return f.Close()
+	return hf.Close()
 }
 
 // progressBar starts a progress bar on w for a copy of size bytes; it
@@ -210,7 +215,7 @@ func mergeBacking(opts map[string]string, backing, backingFmt string) error {
 }
 
 // openBacking opens the backing file named in the creation options of
-// the qcow2 image to be created at dst (resolved against dst's folder),
+// the image to be created at dst (resolved against dst's folder),
 // as qemu-img does to check it. It returns its size and the host files
 // of its chain, or no files when there is no backing file.
 func openBacking(dst string, qcowOpts map[string]string) (int64, []string, error) {
@@ -237,7 +242,9 @@ func openBacking(dst string, qcowOpts map[string]string) (int64, []string, error
 	if a, err := filepath.Abs(dst); err == nil {
 		parent = a
 	}
-	img, err := disk.Open(full, disk.OpenOptions{Format: format, ReadOnly: true, Parents: []string{parent}})
+	// Shared for writing where its format allows, as qemu-img convert's
+	// target opens its backing file.
+	img, err := disk.Open(full, disk.OpenOptions{Format: format, ReadOnly: true, Parents: []string{parent}, ShareWrite: true})
 	if err != nil {
 		return 0, nil, fmt.Errorf("could not open backing file %s: %w", name, err)
 	}
@@ -245,21 +252,30 @@ func openBacking(dst string, qcowOpts map[string]string) (int64, []string, error
 	return img.Size(), sourceFiles(full, img), nil
 }
 
-// convertQcow2 copies the disk of the image at src to a new qcow2 image
-// at dst, created with the qemu-img options qcowOpts, written in one pass
-// by a qcow2.StreamWriter; compress stores clusters compressed where
-// that pays. With a backing file in qcowOpts only what the source's top
-// layer defines is copied (convert.Options.Backed). The image is synced
-// at the end if sync is set; progress, if not nil, receives a progress
-// bar. On failure or interruption the new image is removed.
-func convertQcow2(ctx context.Context, src, dst string, open disk.OpenOptions, opts convert.Options, qcowOpts map[string]string, compress, sync bool, progress io.Writer) (err error) {
+// convertStream copies the disk of the image at src to a new image of
+// format at dst, created with the qemu-img options createOpts and written
+// in one pass by the driver's disk.StreamWriter; compress stores clusters
+// compressed where that pays. With a backing file in createOpts only what
+// the source's top layer defines is copied (convert.Options.Backed). The
+// image is synced at the end if sync is set; progress, if not nil,
+// receives a progress bar. On failure or interruption the new image is
+// removed.
+func convertStream(ctx context.Context, src, dst string, open disk.OpenOptions, opts convert.Options, format string, createOpts map[string]string, compress, sync bool, progress io.Writer) (err error) {
+	d, err := disk.Lookup(format)
+	if err != nil {
+		return err
+	}
+	sc, ok := d.(disk.StreamCreator)
+	if !ok {
+		return fmt.Errorf("-O %s: output format not supported yet", format)
+	}
 	img, err := disk.Open(src, open)
 	if err != nil {
 		return err
 	}
 	defer img.Close()
 	files := sourceFiles(src, img)
-	backingSize, backingFiles, err := openBacking(dst, qcowOpts)
+	backingSize, backingFiles, err := openBacking(dst, createOpts)
 	if err != nil {
 		return err
 	}
@@ -269,14 +285,14 @@ func convertQcow2(ctx context.Context, src, dst string, open disk.OpenOptions, o
 	if err := checkDestination(dst, append(append([]string(nil), files...), backingFiles...)); err != nil {
 		return err
 	}
-	if err := qcow2.CheckStreamOptions(img.Size(), qcowOpts); err != nil {
+	if err := sc.CheckStream(img.Size(), createOpts); err != nil {
 		return err
 	}
 	opts.Prefetch = files[:1]
 	if df := dataFile(src, img); df != "" {
 		opts.Prefetch = append(opts.Prefetch, df)
 	}
-	f, err := hostfile.Create(dst)
+	f, err := disk.CreateFile(dst)
 	if err != nil {
 		return err
 	}
@@ -294,7 +310,7 @@ func convertQcow2(ctx context.Context, src, dst string, open disk.OpenOptions, o
 	if !sync {
 		file = noSyncFile{f}
 	}
-	w, err := qcow2.NewStreamWriter(file, img.Size(), qcowOpts)
+	w, err := sc.NewStream(file, img.Size(), createOpts)
 	if err != nil {
 		return err
 	}
@@ -315,6 +331,21 @@ func convertQcow2(ctx context.Context, src, dst string, open disk.OpenOptions, o
 		return err
 	}
 	return f.Close()
+}
+
+// outputFormats lists the formats convert writes: raw, and those whose
+// driver writes images in one pass (disk.StreamCreator).
+func outputFormats() []string {
+	var names []string
+	for _, n := range disk.Drivers() {
+		if d, err := disk.Lookup(n); err == nil && n != "raw" {
+			if _, ok := d.(disk.StreamCreator); ok {
+				names = append(names, n)
+			}
+		}
+	}
+	slices.Sort(names)
+	return append([]string{"raw"}, names...)
 }
 
 // noSyncFile is a disk.File whose Sync does nothing (-t unsafe).

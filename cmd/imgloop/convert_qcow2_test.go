@@ -198,7 +198,7 @@ func TestConvertQcow2Cancelled(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
 	dst := filepath.Join(dir, "out.qcow2")
-	err := convertQcow2(ctx, src, dst, disk.OpenOptions{ReadOnly: true}, convert.Options{}, map[string]string{}, true, true, nil)
+	err := convertStream(ctx, src, dst, disk.OpenOptions{ReadOnly: true}, convert.Options{}, "qcow2", map[string]string{}, true, true, nil)
 	if err == nil || !strings.Contains(err.Error(), "interrupted") {
 		t.Fatalf("error %v, want an interruption", err)
 	}

@@ -14,7 +14,7 @@ func newInfoCmd() *cobra.Command {
 	var output string
 	var header bool
 	cmd := &cobra.Command{
-		Use:   "info [-f FMT] [--output=human|json] [--header] [--snapshot ID|NAME] IMAGE",
+		Use:   "info [-f FMT] [--output=human|json] [--header] [--snapshot ID|NAME] [-U] IMAGE",
 		Short: "Describe an image (as qemu-img info)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -22,7 +22,7 @@ func newInfoCmd() *cobra.Command {
 				return err
 			}
 			path := args[0]
-			opts := src.options()
+			opts := src.describeOptions()
 			opts.NoBacking = true // as qemu-img info: describe, don't read
 			img, err := disk.Open(path, opts)
 			if err != nil {

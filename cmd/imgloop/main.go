@@ -19,7 +19,9 @@ import (
 
 	"github.com/spf13/cobra"
 
-	// The format drivers register themselves.
+	// The format drivers register themselves; the commands reach them
+	// only through package disk.
+	_ "github.com/imgloop/imgloop/disk/qcow2"
 	_ "github.com/imgloop/imgloop/disk/raw"
 )
 

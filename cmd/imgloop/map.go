@@ -17,7 +17,7 @@ func newMapCmd() *cobra.Command {
 	var output string
 	var offset int64
 	cmd := &cobra.Command{
-		Use:   "map [-f FMT] [--snapshot ID|NAME] [--output=human|json] [--offset N] IMAGE",
+		Use:   "map [-f FMT] [--snapshot ID|NAME] [--output=human|json] [--offset N] [-U] IMAGE",
 		Short: "Print the allocation map of an image (as qemu-img map)",
 		Long: "map prints the image's extents as qemu-img map does. With --offset N it\n" +
 			"prints where byte N of the virtual disk is stored instead: for qcow2 the\n" +
@@ -27,7 +27,7 @@ func newMapCmd() *cobra.Command {
 			if err := checkOutput(output); err != nil {
 				return err
 			}
-			img, err := disk.Open(args[0], src.options())
+			img, err := disk.Open(args[0], src.describeOptions())
 			if err != nil {
 				return err
 			}

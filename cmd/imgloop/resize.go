@@ -8,7 +8,6 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/imgloop/imgloop/disk"
-	"github.com/imgloop/imgloop/disk/hostfile"
 )
 
 func newResizeCmd() *cobra.Command {
@@ -69,17 +68,8 @@ func runResize(cmd *cobra.Command, path, sizeArg, format string, shrink, quiet b
 	if err != nil {
 		return err
 	}
-	f, err := hostfile.Open(path, false)
+	img, err := disk.Open(path, disk.OpenOptions{Format: format})
 	if err != nil {
-		return err
-	}
-	if err := lockImage(f, true); err != nil {
-		f.Close()
-		return fmt.Errorf("%s: %w", path, err)
-	}
-	img, err := disk.OpenFile(f, disk.OpenOptions{Format: format})
-	if err != nil {
-		f.Close()
 		return err
 	}
 	err = resizeTo(img, n, relative, shrink)

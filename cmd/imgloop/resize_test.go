@@ -6,7 +6,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/imgloop/imgloop/disk/hostfile"
+	"github.com/imgloop/imgloop/disk"
 	"github.com/imgloop/imgloop/internal/qemutest"
 )
 
@@ -146,16 +146,13 @@ func TestResizeCommandLocked(t *testing.T) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, "a.qcow2")
 	qemutest.Create(t, path, "qcow2", "", "1M")
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	// Hold the image as a writer (OFD locks: the child process conflicts
+	// with this open file).
+	img, err := disk.Open(path, disk.OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
-	// Hold the locks a writer holds (OFD locks: the child process
-	// conflicts with this open file).
-	if err := lockImage(hostfile.New(f), true); err != nil {
-		t.Fatal(err)
-	}
+	defer img.Close()
 	args := []string{"resize", "a.qcow2", "2M"}
 	r := imgloop(t, dir, args...)
 	checkFailure(t, r, args)

@@ -7,33 +7,33 @@ import (
 	"strings"
 
 	"github.com/imgloop/imgloop/disk"
-	"github.com/imgloop/imgloop/disk/qcow2"
 )
 
-// writeHeader prints the QCOW2 header fields of img, one "name: value"
-// per line (the seed's debugfs "header" file).
+// writeHeader prints the header fields of img (a disk.HeaderFielder: the
+// QCOW2 header), one "name: value" per line (the seed's debugfs "header"
+// file).
 func writeHeader(w io.Writer, img disk.Image) error {
-	q, ok := img.(*qcow2.Image)
+	h, ok := img.(disk.HeaderFielder)
 	if !ok {
 		return fmt.Errorf("--header: not a qcow2 image")
 	}
 	var b strings.Builder
-	for _, f := range q.Header().Fields() {
+	for _, f := range h.HeaderFields() {
 		fmt.Fprintf(&b, "%s: %s\n", f.Name, f.Value)
 	}
 	_, err := io.WriteString(w, b.String())
 	return err
 }
 
-// writeLocation prints where byte off of a qcow2 image is stored (the
-// seed's debugfs "offset" file). It reports false, and prints nothing, for
-// images of other formats.
+// writeLocation prints where byte off of img is stored, for images that
+// can tell (a disk.Locator: qcow2) (the seed's debugfs "offset" file). It
+// reports false, and prints nothing, for images of other formats.
 func writeLocation(w io.Writer, img disk.Image, off int64, asJSON bool) (bool, error) {
-	q, ok := img.(*qcow2.Image)
+	l, ok := img.(disk.Locator)
 	if !ok {
 		return false, nil
 	}
-	loc, err := q.Locate(off)
+	loc, err := l.Locate(off)
 	if err != nil {
 		return true, err
 	}
