@@ -14,6 +14,17 @@
 // open file behind. Close flushes, releases the host file(s), and every later
 // call returns ErrClosed.
 //
+// # Locking
+//
+// Open locks the host files of an image (the image file, its backing
+// files, an external data file) as QEMU does, with OFD locks on the bytes
+// of QEMU's protocol (block/file-posix.c), so that imgloop and QEMU
+// processes using one image exclude each other: a read-write open refuses
+// every other writer and reader, a read-only open refuses writers
+// (OpenOptions.ShareWrite and ForceShare relax that as qemu-img info and
+// -U do), and backing files are shared by their readers. Close releases
+// the locks. See lock.go and OpenOptions.Access.
+//
 // # Concurrency
 //
 // Every method of an Image is safe for concurrent use. ReadAt calls never
@@ -26,7 +37,8 @@
 // *UnsupportedError (errors.Is(err, ErrNotSupported) holds), and operations a
 // driver does not offer return ErrNotSupported. Writes to a read-only image
 // return ErrReadOnly, I/O after Close returns ErrClosed, requests outside the
-// virtual disk return ErrOutOfRange.
+// virtual disk return ErrOutOfRange. An Open that another process's
+// locks prevent returns a *LockError (errors.Is(err, ErrLocked) holds).
 //
 // # Security
 //
