@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"errors"
 	"os"
 	"os/exec"
@@ -35,8 +36,8 @@ func qemuExit(t *testing.T, dir string, args ...string) (int, string) {
 // 1 and one line naming the file and the conflict, as QEMU words it.
 func checkLockFailure(t *testing.T, r result, args []string, file string) {
 	t.Helper()
-	if r.code != 1 || strings.Count(r.stderr, "\n") != 1 ||
-		!strings.HasPrefix(r.stderr, "imgloop: "+file+": Failed to get ") ||
+	if r.code != 1 || strings.Count(r.stderr, "\n") != 1 || !strings.HasPrefix(r.stderr, "imgloop: ") ||
+		!strings.Contains(r.stderr, " "+file+": Failed to get ") ||
 		!strings.HasSuffix(r.stderr, " lock: is another process using the image?\n") {
 		t.Errorf("imgloop %v: exit %d, stderr %q; want 1 and one line about the lock on %s", args, r.code, r.stderr, file)
 	}
@@ -44,7 +45,9 @@ func checkLockFailure(t *testing.T, r result, args []string, file string) {
 
 // TestLockQEMUHolder: while qemu-nbd or qemu-io holds an image, disk.Open
 // read-write fails with ErrLocked, and each imgloop command fails to lock
-// it exactly when qemu-img fails with the same arguments (-U included).
+// it exactly when qemu-img fails with the same arguments (-U included;
+// create takes a creator's locks before it truncates, as qemu-img create
+// does, so the image is left as it is).
 func TestLockQEMUHolder(t *testing.T) {
 	qemutest.Require(t, "qemu-img", "qemu-io", "qemu-nbd")
 	for _, tc := range []struct {
@@ -71,8 +74,12 @@ func TestLockQEMUHolder(t *testing.T) {
 				args = append(args, strings.ReplaceAll(a, "SOCK", filepath.Join(dir, "nbd.sock")))
 			}
 			qemutest.Hold(t, path, tc.locks, tc.tool, append(args, path)...)
+			before, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatal(err)
+			}
 
-			_, err := disk.Open(path, disk.OpenOptions{})
+			_, err = disk.Open(path, disk.OpenOptions{})
 			var le *disk.LockError
 			if !errors.Is(err, disk.ErrLocked) || !errors.As(err, &le) || le.Path != path {
 				t.Errorf("disk.Open read-write: %v; want a *disk.LockError on %s", err, path)
@@ -84,6 +91,8 @@ func TestLockQEMUHolder(t *testing.T) {
 				{"check", img}, {"check", "-U", img},
 				{"convert", img, "out.raw"}, {"convert", "-U", img, "out.raw"},
 				{"resize", img, "8M"},
+				// Last: a create that got its locks would replace the image.
+				{"create", "-q", "-f", tc.format, img, "1M"},
 			} {
 				want, qout := qemuExit(t, dir, args...)
 				os.Remove(filepath.Join(dir, "out.raw"))
@@ -96,6 +105,9 @@ func TestLockQEMUHolder(t *testing.T) {
 				if want == 1 {
 					checkLockFailure(t, r, args, img)
 				}
+			}
+			if after, err := os.ReadFile(path); err != nil || !bytes.Equal(before, after) {
+				t.Errorf("the image changed while qemu held it (%v)", err)
 			}
 		})
 	}
