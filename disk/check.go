@@ -64,15 +64,19 @@ type CheckOptions struct {
 // CheckResult is what a check found, with the numbers `qemu-img check
 // --output=json` reports (QAPI ImageCheck; MarshalJSON uses its keys).
 type CheckResult struct {
+	// Filename is the image's name as given (CheckOptions.Filename).
 	Filename string
-	Format   string
+	// Format is the format's name.
+	Format string
 	// CheckErrors counts internal errors: parts of the check that could
 	// not be done.
 	CheckErrors int64
 	// Corruptions counts errors in the metadata.
 	Corruptions int64
 	// Leaks counts clusters allocated but not used.
-	Leaks            int64
+	Leaks int64
+	// CorruptionsFixed and LeaksFixed count what a repair fixed; the
+	// other counts are then those of the check after the repair.
 	CorruptionsFixed int64
 	LeaksFixed       int64
 	// ImageEndOffset is the end of the highest cluster in use.
