@@ -1,9 +1,7 @@
 package disk
 
 import (
-	"errors"
 	"fmt"
-	"io"
 	"path/filepath"
 
 	"github.com/imgloop/imgloop/disk/hostfile"
@@ -17,7 +15,7 @@ const MaxChainDepth = 256
 // OpenOptions tune Open. The zero value opens read-write with the format
 // probed and default cache sizes.
 type OpenOptions struct {
-	// Format names the driver; "" probes the image (Detect).
+	// Format names the driver; "" probes the image (Probe).
 	Format string
 	// ReadOnly opens the image (and so its host file) read-only.
 	ReadOnly bool
@@ -60,7 +58,7 @@ type OpenOptions struct {
 }
 
 // Open opens the image at path with the driver opts.Format names, or the
-// one Detect picks, and locks its host files as QEMU does (see
+// one Probe picks, and locks its host files as QEMU does (see
 // OpenOptions.Access and lock.go): the image file, the backing files
 // (read-only, shared with other readers) and an external data file. The
 // locks are released when the image is closed.
@@ -130,12 +128,7 @@ func driverFor(f File, opts *OpenOptions) (Driver, error) {
 	if opts.Format != "" {
 		d, err = Lookup(opts.Format)
 	} else {
-		var hdr [ProbeSize]byte
-		n, rerr := f.ReadAt(hdr[:], 0)
-		if rerr != nil && !errors.Is(rerr, io.EOF) {
-			return nil, fmt.Errorf("disk: reading %s: %w", f.Name(), rerr)
-		}
-		d, err = Detect(hdr[:n])
+		d, err = Probe(f)
 		opts.Probed = true
 	}
 	if err != nil {
