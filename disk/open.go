@@ -1,6 +1,7 @@
 package disk
 
 import (
+	"errors"
 	"fmt"
 	"path/filepath"
 
@@ -64,7 +65,8 @@ type OpenOptions struct {
 // locks are released when the image is closed.
 //
 // Errors: ErrUnknownFormat, *FormatError (ErrFormat), *UnsupportedError
-// (ErrNotSupported), *LockError (ErrLocked) when another process uses the
+// and *UnsupportedFormatError (ErrNotSupported), *LockError (ErrLocked)
+// when another process uses the
 // image in a way that conflicts, an error for ForceShare or ShareWrite
 // with a read-write open, and the *fs.PathError of the host file.
 func Open(path string, opts OpenOptions) (Image, error) {
@@ -115,9 +117,20 @@ func OpenFile(f File, opts OpenOptions) (Image, error) {
 	img, err := d.Open(f, opts)
 	if err != nil {
 		unlock()
-		return nil, err
+		return nil, nameFile(err, f.Name())
 	}
 	return img, nil
+}
+
+// nameFile gives an *UnsupportedFormatError in err the file's name when
+// it has none: a driver refusing a version of its format ("unsupported
+// qcow2 version 4") does not know it. It returns err.
+func nameFile(err error, name string) error {
+	var ufe *UnsupportedFormatError
+	if errors.As(err, &ufe) && ufe.Path == "" {
+		ufe.Path = name
+	}
+	return err
 }
 
 // driverFor returns the driver opts.Format names, or the one that

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"strconv"
 
 	"github.com/imgloop/imgloop/disk"
 )
@@ -176,7 +177,7 @@ func readHeader(f io.ReaderAt, fileSize int64) (*Header, error) {
 		return nil, formatErr(offMagic, "bad magic %#08x, want %#08x (\"QFI\\xfb\")", h.Magic, magic)
 	}
 	if h.Version != 2 && h.Version != 3 {
-		return nil, &disk.UnsupportedError{Format: formatName, Feature: fmt.Sprintf("qcow2 version %d (only 2 and 3 exist)", h.Version)}
+		return nil, &disk.UnsupportedFormatError{Format: formatName, Version: strconv.FormatUint(uint64(h.Version), 10)}
 	}
 	if h.ClusterBits < minClusterBits || h.ClusterBits > maxClusterBits {
 		return nil, formatErr(offClusterBits, "cluster_bits %d out of range %d..%d", h.ClusterBits, minClusterBits, maxClusterBits)

@@ -102,16 +102,19 @@ func init() { disk.MustRegister(Driver{}) }
 // Name returns "qcow2".
 func (Driver) Name() string { return formatName }
 
-// Probe returns 100 for a header with the qcow2 magic and version 2 or 3,
-// else 0.
+// Probe returns 100 for a header with the qcow2 magic and any version
+// but 1 (qcow, which disk.Probe names), else 0. QEMU's qcow2_probe
+// claims versions 2 and up, and Open then refuses the versions it does
+// not read; imgloop claims version 0 too, so that no header with the
+// magic is ever read as raw.
 func (Driver) Probe(header []byte) int {
 	if len(header) < 8 || string(header[:4]) != "QFI\xfb" {
 		return 0
 	}
-	if v := binary.BigEndian.Uint32(header[4:8]); v == 2 || v == 3 {
-		return 100
+	if binary.BigEndian.Uint32(header[4:8]) == 1 {
+		return 0
 	}
-	return 0
+	return 100
 }
 
 // Open opens the qcow2 image in f (see the package Open).
