@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -75,69 +76,14 @@ func TestCheckCommand(t *testing.T) {
 
 	for _, img := range []string{clean, empty, leaky, corrupt, raw} {
 		for _, args := range [][]string{{img}, {"--output=json", img}} {
-			name := strings.Join(args, " ")
-			t.Run(name, func(t *testing.T) {
-				want := qemuImgCheck(t, dir, args...)
-				got := imgloop(t, dir, append([]string{"check"}, args...)...)
-				if got.code != want.code {
-					t.Errorf("exit %d, qemu-img %d (stderr %q)", got.code, want.code, got.stderr)
-				}
-				if args[0] == "--output=json" && want.stdout != "" {
-					var g, w map[string]any
-					if err := json.Unmarshal([]byte(got.stdout), &g); err != nil {
-						t.Fatalf("our JSON: %v\n%s", err, got.stdout)
-					}
-					if err := json.Unmarshal([]byte(want.stdout), &w); err != nil {
-						t.Fatal(err)
-					}
-					if len(g) != len(w) {
-						t.Errorf("keys: ours %v, qemu-img %v", g, w)
-					}
-					for k, v := range w {
-						if g[k] != v {
-							t.Errorf("%s = %v, qemu-img %v", k, g[k], v)
-						}
-					}
-				} else if got.stdout != want.stdout {
-					t.Errorf("stdout:\n%s\nqemu-img:\n%s", got.stdout, want.stdout)
-				}
-				// Each finding line qemu-img prints, we print too.
-				for _, line := range strings.Split(strings.TrimSpace(want.stderr), "\n") {
-					line = strings.TrimPrefix(line, "qemu-img: ")
-					if line != "" && !strings.Contains(got.stderr, line) {
-						t.Errorf("stderr lacks %q:\n%s", line, got.stderr)
-					}
-				}
-			})
+			t.Run(strings.Join(args, " "), func(t *testing.T) { compareCheck(t, dir, args...) })
 		}
 	}
 
 	t.Run("repair", func(t *testing.T) {
 		for _, args := range [][]string{{"-r", "leaks"}, {"-r", "leaks", "--output=json"}, {"-r", "all"}, {"-r", "all", "--output=json"}} {
 			for _, img := range []string{leaky, corrupt, clean} {
-				ours, theirs := "r-"+img, "q-"+img
-				b, err := os.ReadFile(filepath.Join(dir, img))
-				if err != nil {
-					t.Fatal(err)
-				}
-				for _, p := range []string{ours, theirs} {
-					if err := os.WriteFile(filepath.Join(dir, p), b, 0o644); err != nil {
-						t.Fatal(err)
-					}
-				}
-				want := qemuImgCheck(t, dir, append(args, theirs)...)
-				got := imgloop(t, dir, append(append([]string{"check"}, args...), ours)...)
-				if got.code != want.code {
-					t.Errorf("%v %s: exit %d, qemu-img %d (stderr %q)", args, img, got.code, want.code, got.stderr)
-				}
-				if got.stdout != strings.ReplaceAll(want.stdout, theirs, ours) && len(args) == 2 {
-					t.Errorf("%v %s: stdout\n%s\nqemu-img:\n%s", args, img, got.stdout, want.stdout)
-				}
-				a, _ := os.ReadFile(filepath.Join(dir, ours))
-				q, _ := os.ReadFile(filepath.Join(dir, theirs))
-				if !bytes.Equal(a, q) {
-					t.Errorf("%v %s: our repaired file differs from qemu-img's", args, img)
-				}
+				compareRepair(t, dir, args, img)
 			}
 		}
 		// -r all rebuilt the refcount structures of corrupt: the image
@@ -243,5 +189,74 @@ func TestCheckLocking(t *testing.T) {
 	}
 	if r := imgloop(t, dir, "check", "-U", "busy.qcow2"); r.code != 0 {
 		t.Errorf("check -U: exit %d, stderr %q", r.code, r.stderr)
+	}
+}
+
+// compareCheck runs qemu-img check and imgloop check with args in dir
+// and compares their exit status, their report (the JSON key by key, or
+// the text), and that every finding qemu-img lists on stderr we list
+// too.
+func compareCheck(t *testing.T, dir string, args ...string) {
+	t.Helper()
+	want := qemuImgCheck(t, dir, args...)
+	got := imgloop(t, dir, append([]string{"check"}, args...)...)
+	if got.code != want.code {
+		t.Errorf("check %v: exit %d, qemu-img %d (stderr %q)", args, got.code, want.code, got.stderr)
+	}
+	if slices.Contains(args, "--output=json") && want.stdout != "" {
+		var g, w map[string]any
+		if err := json.Unmarshal([]byte(got.stdout), &g); err != nil {
+			t.Fatalf("check %v: our JSON: %v\n%s", args, err, got.stdout)
+		}
+		if err := json.Unmarshal([]byte(want.stdout), &w); err != nil {
+			t.Fatal(err)
+		}
+		if len(g) != len(w) {
+			t.Errorf("check %v: keys: ours %v, qemu-img %v", args, g, w)
+		}
+		for k, v := range w {
+			if g[k] != v {
+				t.Errorf("check %v: %s = %v, qemu-img %v", args, k, g[k], v)
+			}
+		}
+	} else if got.stdout != want.stdout {
+		t.Errorf("check %v: stdout:\n%s\nqemu-img:\n%s", args, got.stdout, want.stdout)
+	}
+	// Each finding line qemu-img prints, we print too.
+	for _, line := range strings.Split(strings.TrimSpace(want.stderr), "\n") {
+		line = strings.TrimPrefix(line, "qemu-img: ")
+		if line != "" && !strings.Contains(got.stderr, line) {
+			t.Errorf("check %v: stderr lacks %q:\n%s", args, line, got.stderr)
+		}
+	}
+}
+
+// compareRepair runs check with args (a repair: -r leaks or -r all) on
+// two copies of the image img in dir, one for qemu-img and one for us,
+// and compares the exit status, the human report and the repaired files.
+func compareRepair(t *testing.T, dir string, args []string, img string) {
+	t.Helper()
+	ours, theirs := "r-"+img, "q-"+img
+	b, err := os.ReadFile(filepath.Join(dir, img))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{ours, theirs} {
+		if err := os.WriteFile(filepath.Join(dir, p), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := qemuImgCheck(t, dir, append(args, theirs)...)
+	got := imgloop(t, dir, append(append([]string{"check"}, args...), ours)...)
+	if got.code != want.code {
+		t.Errorf("%v %s: exit %d, qemu-img %d (stderr %q)", args, img, got.code, want.code, got.stderr)
+	}
+	if got.stdout != strings.ReplaceAll(want.stdout, theirs, ours) && len(args) == 2 {
+		t.Errorf("%v %s: stdout\n%s\nqemu-img:\n%s", args, img, got.stdout, want.stdout)
+	}
+	a, _ := os.ReadFile(filepath.Join(dir, ours))
+	q, _ := os.ReadFile(filepath.Join(dir, theirs))
+	if !bytes.Equal(a, q) {
+		t.Errorf("%v %s: our repaired file differs from qemu-img's", args, img)
 	}
 }
