@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/imgloop/imgloop/internal/qemutest"
 )
 
@@ -101,20 +103,12 @@ func TestCheckCommand(t *testing.T) {
 		}
 	})
 	t.Run("errors", func(t *testing.T) {
-		bad := filepath.Join(dir, "badrt.qcow2")
-		b, err := os.ReadFile(filepath.Join(dir, clean))
-		if err != nil {
-			t.Fatal(err)
-		}
-		binary.BigEndian.PutUint64(b[48:], 1<<40) // refcount table past EOF
-		if err := os.WriteFile(bad, b, 0o644); err != nil {
-			t.Fatal(err)
-		}
+		// (Images with damaged headers that qemu-img check still checks:
+		// TestCheckHeaderDamage.)
 		for _, args := range [][]string{
 			{"check", "missing.qcow2"},
 			{"check", "-f", "nosuch", clean},
 			{"check", "--output=xml", clean},
-			{"check", "badrt.qcow2"},
 			{"check", "-f", "qcow2", raw},
 		} {
 			r := imgloop(t, dir, args...)
@@ -254,9 +248,74 @@ func compareRepair(t *testing.T, dir string, args []string, img string) {
 	if got.stdout != strings.ReplaceAll(want.stdout, theirs, ours) && len(args) == 2 {
 		t.Errorf("%v %s: stdout\n%s\nqemu-img:\n%s", args, img, got.stdout, want.stdout)
 	}
-	a, _ := os.ReadFile(filepath.Join(dir, ours))
-	q, _ := os.ReadFile(filepath.Join(dir, theirs))
-	if !bytes.Equal(a, q) {
-		t.Errorf("%v %s: our repaired file differs from qemu-img's", args, img)
+	if d := firstFileDiff(t, filepath.Join(dir, ours), filepath.Join(dir, theirs)); d >= 0 {
+		t.Errorf("%v %s: our repaired file differs from qemu-img's at %#x", args, img, d)
 	}
+}
+
+// firstFileDiff returns the first offset where the files at a and b
+// differ (the shorter one's end if one is a prefix), or -1 if they are
+// equal. It reads only their data extents (SEEK_DATA/SEEK_HOLE): a
+// repair can leave a sparse file of gigabytes (qemu-img check -r all
+// grows an image whose refcount table lies over its header to 4 GiB).
+func firstFileDiff(t *testing.T, a, b string) int64 {
+	t.Helper()
+	var files [2]*os.File
+	var sizes [2]int64
+	for i, p := range []string{a, b} {
+		f, err := os.Open(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		fi, err := f.Stat()
+		if err != nil {
+			t.Fatal(err)
+		}
+		files[i], sizes[i] = f, fi.Size()
+	}
+	size := min(sizes[0], sizes[1])
+	// nextData returns where the next data extent of either file at or
+	// after off starts and where the first of them that starts there
+	// ends; (size, size) when none is left.
+	nextData := func(off int64) (int64, int64) {
+		start, end := size, size
+		for _, f := range files {
+			d, err := unix.Seek(int(f.Fd()), off, unix.SEEK_DATA)
+			if err != nil || d >= size { // ENXIO: no data past off
+				continue
+			}
+			h, err := unix.Seek(int(f.Fd()), d, unix.SEEK_HOLE)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if d < start {
+				start, end = d, min(h, size)
+			} else if d == start {
+				end = max(end, min(h, size))
+			}
+		}
+		return start, end
+	}
+	bufs := [2][]byte{make([]byte, 1<<20), make([]byte, 1<<20)}
+	for off := int64(0); off < size; {
+		start, end := nextData(off)
+		for p := start; p < end; {
+			n := min(end-p, 1<<20)
+			for i, f := range files {
+				if _, err := f.ReadAt(bufs[i][:n], p); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if d := qemutest.FirstDiff(bufs[0][:n], bufs[1][:n]); d >= 0 {
+				return p + d
+			}
+			p += n
+		}
+		off = end
+	}
+	if sizes[0] != sizes[1] {
+		return size
+	}
+	return -1
 }
