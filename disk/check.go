@@ -192,5 +192,6 @@ func Check(path string, opts CheckOptions) (*CheckResult, error) {
 	if opts.Filename == "" {
 		opts.Filename = path
 	}
-	return c.Check(f, opts)
+	r, err := c.Check(f, opts)
+	return r, nameFile(err, path)
 }

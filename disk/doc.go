@@ -34,8 +34,10 @@
 //
 // Malformed images yield a *FormatError (errors.Is(err, ErrFormat) holds),
 // images using a feature imgloop does not implement yield an
-// *UnsupportedError (errors.Is(err, ErrNotSupported) holds), and operations a
-// driver does not offer return ErrNotSupported. Writes to a read-only image
+// *UnsupportedError, images of a format (or format version) imgloop
+// recognises but has no driver for yield an *UnsupportedFormatError (for
+// both, errors.Is(err, ErrNotSupported) holds), and operations a driver
+// does not offer return ErrNotSupported. Writes to a read-only image
 // return ErrReadOnly, I/O after Close returns ErrClosed, requests outside the
 // virtual disk return ErrOutOfRange. An Open that another process's
 // locks prevent returns a *LockError (errors.Is(err, ErrLocked) holds).
@@ -44,5 +46,7 @@
 //
 // Image files are untrusted input: drivers validate every offset and size
 // they read against the file size and the format's limits before using it to
-// index or allocate.
+// index or allocate. Probe detects formats as QEMU does, from the first
+// sector and the file name only, never from data a raw image's guest could
+// have written elsewhere (see Sample).
 package disk

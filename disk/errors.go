@@ -74,6 +74,39 @@ func (e *UnsupportedError) Error() string {
 // Is reports whether target is ErrNotSupported.
 func (e *UnsupportedError) Is(target error) bool { return target == ErrNotSupported }
 
+// UnsupportedFormatError reports an image in a format imgloop recognises
+// but cannot read: one of the formats QEMU probes that has no driver here
+// (VHD, VMDK, VDI, ...), or a version of a format that its driver does
+// not read (qcow2 version 4). It matches ErrNotSupported. Opening the
+// file with Format "raw" still reads its bytes.
+type UnsupportedFormatError struct {
+	Path   string // the image file; "" where not known
+	Format string // QEMU's name of the format, as qemu-img -f takes it: "vpc", "qcow", "qcow2"
+	Title  string // what the format is usually called ("VHD"); "" shows Format alone
+	// Version is the version the image declares, when its format has a
+	// driver that does not read that version; "" for a format without a
+	// driver.
+	Version string
+}
+
+func (e *UnsupportedFormatError) Error() string {
+	s := ""
+	if e.Path != "" {
+		s = e.Path + ": "
+	}
+	if e.Version != "" {
+		return s + fmt.Sprintf("unsupported %s version %s", e.Format, e.Version)
+	}
+	name := e.Format
+	if e.Title != "" && e.Title != e.Format {
+		name = e.Title + " (" + e.Format + ")"
+	}
+	return s + name + " image: not supported yet; use -f raw to read its bytes"
+}
+
+// Is reports whether target is ErrNotSupported.
+func (e *UnsupportedFormatError) Is(target error) bool { return target == ErrNotSupported }
+
 // CheckRange returns ErrOutOfRange (wrapped with the request) unless
 // 0 <= off and off+n <= size without overflow.
 func CheckRange(off, n, size int64) error {

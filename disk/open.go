@@ -3,7 +3,6 @@ package disk
 import (
 	"errors"
 	"fmt"
-	"io"
 	"path/filepath"
 
 	"github.com/imgloop/imgloop/disk/hostfile"
@@ -17,7 +16,7 @@ const MaxChainDepth = 256
 // OpenOptions tune Open. The zero value opens read-write with the format
 // probed and default cache sizes.
 type OpenOptions struct {
-	// Format names the driver; "" probes the image (Detect).
+	// Format names the driver; "" probes the image (Probe).
 	Format string
 	// ReadOnly opens the image (and so its host file) read-only.
 	ReadOnly bool
@@ -60,13 +59,14 @@ type OpenOptions struct {
 }
 
 // Open opens the image at path with the driver opts.Format names, or the
-// one Detect picks, and locks its host files as QEMU does (see
+// one Probe picks, and locks its host files as QEMU does (see
 // OpenOptions.Access and lock.go): the image file, the backing files
 // (read-only, shared with other readers) and an external data file. The
 // locks are released when the image is closed.
 //
 // Errors: ErrUnknownFormat, *FormatError (ErrFormat), *UnsupportedError
-// (ErrNotSupported), *LockError (ErrLocked) when another process uses the
+// and *UnsupportedFormatError (ErrNotSupported), *LockError (ErrLocked)
+// when another process uses the
 // image in a way that conflicts, an error for ForceShare or ShareWrite
 // with a read-write open, and the *fs.PathError of the host file.
 func Open(path string, opts OpenOptions) (Image, error) {
@@ -117,9 +117,20 @@ func OpenFile(f File, opts OpenOptions) (Image, error) {
 	img, err := d.Open(f, opts)
 	if err != nil {
 		unlock()
-		return nil, err
+		return nil, nameFile(err, f.Name())
 	}
 	return img, nil
+}
+
+// nameFile gives an *UnsupportedFormatError in err the file's name when
+// it has none: a driver refusing a version of its format ("unsupported
+// qcow2 version 4") does not know it. It returns err.
+func nameFile(err error, name string) error {
+	var ufe *UnsupportedFormatError
+	if errors.As(err, &ufe) && ufe.Path == "" {
+		ufe.Path = name
+	}
+	return err
 }
 
 // driverFor returns the driver opts.Format names, or the one that
@@ -130,12 +141,7 @@ func driverFor(f File, opts *OpenOptions) (Driver, error) {
 	if opts.Format != "" {
 		d, err = Lookup(opts.Format)
 	} else {
-		var hdr [ProbeSize]byte
-		n, rerr := f.ReadAt(hdr[:], 0)
-		if rerr != nil && !errors.Is(rerr, io.EOF) {
-			return nil, fmt.Errorf("disk: reading %s: %w", f.Name(), rerr)
-		}
-		d, err = Detect(hdr[:n])
+		d, err = Probe(f)
 		opts.Probed = true
 	}
 	if err != nil {

@@ -6,18 +6,15 @@ import (
 	"sync"
 )
 
-// ProbeSize is how many leading bytes of an image Detect hands to each
-// driver's Probe (fewer if the file is shorter).
-const ProbeSize = 512
-
 // Driver is a format driver (the seed's struct loop_file_fmt_driver).
 type Driver interface {
 	// Name is the format's name as users type it ("raw", "qcow2").
 	Name() string
 	// Probe scores how likely header (the first ProbeSize bytes of the
-	// file, fewer if it is shorter) is an image of this format: 0 for
-	// "not mine", 100 for a certain match by magic; raw answers 1 to
-	// everything so that it is the fallback.
+	// file, zero-padded past the end of a shorter file) is an image of
+	// this format: 0 for "not mine", 100 for a certain match by magic;
+	// raw answers 1 to everything so that it is the fallback. These are
+	// QEMU's scores (block.c bdrv_probe_all).
 	Probe(header []byte) int
 	// Open opens the image held in f. On success the Image owns f and
 	// closes it on Close; on error the caller closes f.
@@ -76,26 +73,6 @@ func Drivers() []string {
 	registry.RLock()
 	defer registry.RUnlock()
 	return sortedNames()
-}
-
-// Detect returns the driver whose Probe scores header highest, or an error
-// matching ErrUnknownFormat if none scores above 0. Ties go to the name
-// that sorts first, so that detection does not depend on map order.
-func Detect(header []byte) (Driver, error) {
-	registry.RLock()
-	defer registry.RUnlock()
-	var best Driver
-	bestScore := 0
-	for _, name := range sortedNames() {
-		d := registry.drivers[name]
-		if s := d.Probe(header); s > bestScore {
-			best, bestScore = d, s
-		}
-	}
-	if best == nil {
-		return nil, fmt.Errorf("%w: no driver recognises the image", ErrUnknownFormat)
-	}
-	return best, nil
 }
 
 func sortedNames() []string {

@@ -8,9 +8,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/imgloop/imgloop/internal/qemutest"
 )
@@ -75,69 +78,14 @@ func TestCheckCommand(t *testing.T) {
 
 	for _, img := range []string{clean, empty, leaky, corrupt, raw} {
 		for _, args := range [][]string{{img}, {"--output=json", img}} {
-			name := strings.Join(args, " ")
-			t.Run(name, func(t *testing.T) {
-				want := qemuImgCheck(t, dir, args...)
-				got := imgloop(t, dir, append([]string{"check"}, args...)...)
-				if got.code != want.code {
-					t.Errorf("exit %d, qemu-img %d (stderr %q)", got.code, want.code, got.stderr)
-				}
-				if args[0] == "--output=json" && want.stdout != "" {
-					var g, w map[string]any
-					if err := json.Unmarshal([]byte(got.stdout), &g); err != nil {
-						t.Fatalf("our JSON: %v\n%s", err, got.stdout)
-					}
-					if err := json.Unmarshal([]byte(want.stdout), &w); err != nil {
-						t.Fatal(err)
-					}
-					if len(g) != len(w) {
-						t.Errorf("keys: ours %v, qemu-img %v", g, w)
-					}
-					for k, v := range w {
-						if g[k] != v {
-							t.Errorf("%s = %v, qemu-img %v", k, g[k], v)
-						}
-					}
-				} else if got.stdout != want.stdout {
-					t.Errorf("stdout:\n%s\nqemu-img:\n%s", got.stdout, want.stdout)
-				}
-				// Each finding line qemu-img prints, we print too.
-				for _, line := range strings.Split(strings.TrimSpace(want.stderr), "\n") {
-					line = strings.TrimPrefix(line, "qemu-img: ")
-					if line != "" && !strings.Contains(got.stderr, line) {
-						t.Errorf("stderr lacks %q:\n%s", line, got.stderr)
-					}
-				}
-			})
+			t.Run(strings.Join(args, " "), func(t *testing.T) { compareCheck(t, dir, args...) })
 		}
 	}
 
 	t.Run("repair", func(t *testing.T) {
 		for _, args := range [][]string{{"-r", "leaks"}, {"-r", "leaks", "--output=json"}, {"-r", "all"}, {"-r", "all", "--output=json"}} {
 			for _, img := range []string{leaky, corrupt, clean} {
-				ours, theirs := "r-"+img, "q-"+img
-				b, err := os.ReadFile(filepath.Join(dir, img))
-				if err != nil {
-					t.Fatal(err)
-				}
-				for _, p := range []string{ours, theirs} {
-					if err := os.WriteFile(filepath.Join(dir, p), b, 0o644); err != nil {
-						t.Fatal(err)
-					}
-				}
-				want := qemuImgCheck(t, dir, append(args, theirs)...)
-				got := imgloop(t, dir, append(append([]string{"check"}, args...), ours)...)
-				if got.code != want.code {
-					t.Errorf("%v %s: exit %d, qemu-img %d (stderr %q)", args, img, got.code, want.code, got.stderr)
-				}
-				if got.stdout != strings.ReplaceAll(want.stdout, theirs, ours) && len(args) == 2 {
-					t.Errorf("%v %s: stdout\n%s\nqemu-img:\n%s", args, img, got.stdout, want.stdout)
-				}
-				a, _ := os.ReadFile(filepath.Join(dir, ours))
-				q, _ := os.ReadFile(filepath.Join(dir, theirs))
-				if !bytes.Equal(a, q) {
-					t.Errorf("%v %s: our repaired file differs from qemu-img's", args, img)
-				}
+				compareRepair(t, dir, args, img)
 			}
 		}
 		// -r all rebuilt the refcount structures of corrupt: the image
@@ -155,20 +103,12 @@ func TestCheckCommand(t *testing.T) {
 		}
 	})
 	t.Run("errors", func(t *testing.T) {
-		bad := filepath.Join(dir, "badrt.qcow2")
-		b, err := os.ReadFile(filepath.Join(dir, clean))
-		if err != nil {
-			t.Fatal(err)
-		}
-		binary.BigEndian.PutUint64(b[48:], 1<<40) // refcount table past EOF
-		if err := os.WriteFile(bad, b, 0o644); err != nil {
-			t.Fatal(err)
-		}
+		// (Images with damaged headers that qemu-img check still checks:
+		// TestCheckHeaderDamage.)
 		for _, args := range [][]string{
 			{"check", "missing.qcow2"},
 			{"check", "-f", "nosuch", clean},
 			{"check", "--output=xml", clean},
-			{"check", "badrt.qcow2"},
 			{"check", "-f", "qcow2", raw},
 		} {
 			r := imgloop(t, dir, args...)
@@ -244,4 +184,138 @@ func TestCheckLocking(t *testing.T) {
 	if r := imgloop(t, dir, "check", "-U", "busy.qcow2"); r.code != 0 {
 		t.Errorf("check -U: exit %d, stderr %q", r.code, r.stderr)
 	}
+}
+
+// compareCheck runs qemu-img check and imgloop check with args in dir
+// and compares their exit status, their report (the JSON key by key, or
+// the text), and that every finding qemu-img lists on stderr we list
+// too.
+func compareCheck(t *testing.T, dir string, args ...string) {
+	t.Helper()
+	want := qemuImgCheck(t, dir, args...)
+	got := imgloop(t, dir, append([]string{"check"}, args...)...)
+	if got.code != want.code {
+		t.Errorf("check %v: exit %d, qemu-img %d (stderr %q)", args, got.code, want.code, got.stderr)
+	}
+	if slices.Contains(args, "--output=json") && want.stdout != "" {
+		var g, w map[string]any
+		if err := json.Unmarshal([]byte(got.stdout), &g); err != nil {
+			t.Fatalf("check %v: our JSON: %v\n%s", args, err, got.stdout)
+		}
+		if err := json.Unmarshal([]byte(want.stdout), &w); err != nil {
+			t.Fatal(err)
+		}
+		if len(g) != len(w) {
+			t.Errorf("check %v: keys: ours %v, qemu-img %v", args, g, w)
+		}
+		for k, v := range w {
+			if g[k] != v {
+				t.Errorf("check %v: %s = %v, qemu-img %v", args, k, g[k], v)
+			}
+		}
+	} else if got.stdout != want.stdout {
+		t.Errorf("check %v: stdout:\n%s\nqemu-img:\n%s", args, got.stdout, want.stdout)
+	}
+	// Each finding line qemu-img prints, we print too.
+	for _, line := range strings.Split(strings.TrimSpace(want.stderr), "\n") {
+		line = strings.TrimPrefix(line, "qemu-img: ")
+		if line != "" && !strings.Contains(got.stderr, line) {
+			t.Errorf("check %v: stderr lacks %q:\n%s", args, line, got.stderr)
+		}
+	}
+}
+
+// compareRepair runs check with args (a repair: -r leaks or -r all) on
+// two copies of the image img in dir, one for qemu-img and one for us,
+// and compares the exit status, the human report and the repaired files.
+func compareRepair(t *testing.T, dir string, args []string, img string) {
+	t.Helper()
+	ours, theirs := "r-"+img, "q-"+img
+	b, err := os.ReadFile(filepath.Join(dir, img))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{ours, theirs} {
+		if err := os.WriteFile(filepath.Join(dir, p), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := qemuImgCheck(t, dir, append(args, theirs)...)
+	got := imgloop(t, dir, append(append([]string{"check"}, args...), ours)...)
+	if got.code != want.code {
+		t.Errorf("%v %s: exit %d, qemu-img %d (stderr %q)", args, img, got.code, want.code, got.stderr)
+	}
+	if got.stdout != strings.ReplaceAll(want.stdout, theirs, ours) && len(args) == 2 {
+		t.Errorf("%v %s: stdout\n%s\nqemu-img:\n%s", args, img, got.stdout, want.stdout)
+	}
+	if d := firstFileDiff(t, filepath.Join(dir, ours), filepath.Join(dir, theirs)); d >= 0 {
+		t.Errorf("%v %s: our repaired file differs from qemu-img's at %#x", args, img, d)
+	}
+}
+
+// firstFileDiff returns the first offset where the files at a and b
+// differ (the shorter one's end if one is a prefix), or -1 if they are
+// equal. It reads only their data extents (SEEK_DATA/SEEK_HOLE): a
+// repair can leave a sparse file of gigabytes (qemu-img check -r all
+// grows an image whose refcount table lies over its header to 4 GiB).
+func firstFileDiff(t *testing.T, a, b string) int64 {
+	t.Helper()
+	var files [2]*os.File
+	var sizes [2]int64
+	for i, p := range []string{a, b} {
+		f, err := os.Open(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		fi, err := f.Stat()
+		if err != nil {
+			t.Fatal(err)
+		}
+		files[i], sizes[i] = f, fi.Size()
+	}
+	size := min(sizes[0], sizes[1])
+	// nextData returns where the next data extent of either file at or
+	// after off starts and where the first of them that starts there
+	// ends; (size, size) when none is left.
+	nextData := func(off int64) (int64, int64) {
+		start, end := size, size
+		for _, f := range files {
+			d, err := unix.Seek(int(f.Fd()), off, unix.SEEK_DATA)
+			if err != nil || d >= size { // ENXIO: no data past off
+				continue
+			}
+			h, err := unix.Seek(int(f.Fd()), d, unix.SEEK_HOLE)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if d < start {
+				start, end = d, min(h, size)
+			} else if d == start {
+				end = max(end, min(h, size))
+			}
+		}
+		return start, end
+	}
+	bufs := [2][]byte{make([]byte, 1<<20), make([]byte, 1<<20)}
+	for off := int64(0); off < size; {
+		start, end := nextData(off)
+		for p := start; p < end; {
+			n := min(end-p, 1<<20)
+			for i, f := range files {
+				if _, err := f.ReadAt(bufs[i][:n], p); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if d := qemutest.FirstDiff(bufs[0][:n], bufs[1][:n]); d >= 0 {
+				return p + d
+			}
+			p += n
+		}
+		off = end
+	}
+	if sizes[0] != sizes[1] {
+		return size
+	}
+	return -1
 }

@@ -227,10 +227,9 @@ func openBacking(dst string, qcowOpts map[string]string) (int64, []string, error
 	if format == "" {
 		detected := "unknown"
 		if f, err := hostfile.Open(full, true); err == nil {
-			var hdr [disk.ProbeSize]byte
-			n, _ := f.ReadAt(hdr[:], 0)
+			d, err := disk.Probe(f)
 			f.Close()
-			if d, err := disk.Detect(hdr[:n]); err == nil {
+			if err == nil {
 				detected = d.Name()
 			}
 		} else {

@@ -183,11 +183,14 @@ func (r *CheckResult) MarshalJSON() ([]byte, error) {
 }
 
 // Check checks the consistency of the qcow2 image in f as `qemu-img
-// check` does. It needs only a readable header: images with the dirty or
-// corrupt bit set, wrong refcounts, damaged tables or snapshot table
-// entries are checked, and what is wrong is counted in the result.
-// Metadata tables reaching past the end of the file read as zeros, as
-// QEMU reads them. f is not closed.
+// check` does. It needs only a readable header, as QEMU opens it for a
+// check (readHeaderToCheck): images with the dirty or corrupt bit set,
+// wrong refcounts, damaged tables or snapshot table entries, an empty
+// refcount table, or an L1 or refcount table over the header, over
+// another table or past the end of the file (which Open refuses) are
+// checked, and what is wrong is counted in the result. Metadata tables
+// reaching past the end of the file read as zeros, as QEMU reads them.
+// f is not closed.
 //
 // Without opts.Repair, f is only read. With RepairLeaks or RepairAll,
 // Check repairs as `qemu-img check -r leaks` or `-r all` does, syncs f,
@@ -206,7 +209,8 @@ func (r *CheckResult) MarshalJSON() ([]byte, error) {
 // check with a check error.
 //
 // Errors: the header's errors (*disk.FormatError, *disk.UnsupportedError,
-// as Open returns them) when the image cannot be checked at all; an error
+// *disk.UnsupportedFormatError) when QEMU could not open the image for a
+// check either (tables unaligned or over QEMU's limits, ...); an error
 // for a file too large for opts.MaxMemory. I/O errors and limits met
 // during the check are counted as check errors in the result instead, and
 // CheckResult.Failure says why the result is incomplete (ExitCode 1).
@@ -215,7 +219,7 @@ func Check(f disk.File, opts CheckOptions) (*CheckResult, error) {
 	if err != nil {
 		return nil, fmt.Errorf("qcow2: check %s: %w", f.Name(), err)
 	}
-	h, err := readHeader(f, fileSize)
+	h, err := readHeaderToCheck(f, fileSize)
 	if err != nil {
 		return nil, err
 	}

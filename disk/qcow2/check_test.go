@@ -530,9 +530,11 @@ func TestCheckHostile(t *testing.T) {
 		damage  func(t *testing.T, p string)
 		wantErr string // Check fails with this; "" means a result with findings
 	}{
+		// QEMU reads zeros for a refcount table past the end of the file
+		// and reports every cluster; so does Check.
 		{"reftable-past-eof", func(t *testing.T, p string) {
 			patchU64(t, p, hRefcountTableOffset, 1<<40)
-		}, "refcount table"},
+		}, ""},
 		{"reftable-unaligned", func(t *testing.T, p string) {
 			patchU64(t, p, hRefcountTableOffset, readU64(t, p, hRefcountTableOffset)+8)
 		}, "refcount table"},

@@ -193,10 +193,9 @@ func (p *createParams) probeBacking(path string, size *int64, unsafe bool) error
 	if p.backingFmt == "" {
 		detected := "unknown"
 		if f, err := hostfile.Open(full, true); err == nil {
-			var hdr [disk.ProbeSize]byte
-			n, _ := f.ReadAt(hdr[:], 0)
+			d, err := disk.Probe(f)
 			f.Close()
-			if d, err := disk.Detect(hdr[:n]); err == nil {
+			if err == nil {
 				detected = d.Name()
 			}
 		} else {

@@ -4,6 +4,8 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"math"
+	"strconv"
 
 	"github.com/imgloop/imgloop/disk"
 )
@@ -134,8 +136,24 @@ const (
 // Errors: *disk.FormatError (disk.ErrFormat) for a malformed header, with
 // the offset of the bad field; *disk.UnsupportedError (disk.ErrNotSupported)
 // for encryption, unknown incompatible features and unknown compression
-// types; the read error of f, wrapped.
+// types; *disk.UnsupportedFormatError for a version other than 2 and 3;
+// the read error of f, wrapped.
 func readHeader(f io.ReaderAt, fileSize int64) (*Header, error) {
+	return parseHeader(f, fileSize, false)
+}
+
+// readHeaderToCheck is readHeader for Check, which must diagnose what it
+// can: it refuses only what QEMU's qcow2_do_open refuses under
+// BDRV_O_CHECK. The L1 and refcount tables may then overlap the header
+// or lie past the end of the file (QEMU reads zeros there), and the
+// refcount table may be empty: Check reads them as QEMU does and counts
+// what follows as corruptions.
+func readHeaderToCheck(f io.ReaderAt, fileSize int64) (*Header, error) {
+	return parseHeader(f, fileSize, true)
+}
+
+// parseHeader is readHeader, or with toCheck readHeaderToCheck.
+func parseHeader(f io.ReaderAt, fileSize int64, toCheck bool) (*Header, error) {
 	if fileSize < v2HeaderLength {
 		if fileSize >= 4 {
 			// Say "not qcow2" rather than "short" for a small foreign file.
@@ -176,7 +194,7 @@ func readHeader(f io.ReaderAt, fileSize int64) (*Header, error) {
 		return nil, formatErr(offMagic, "bad magic %#08x, want %#08x (\"QFI\\xfb\")", h.Magic, magic)
 	}
 	if h.Version != 2 && h.Version != 3 {
-		return nil, &disk.UnsupportedError{Format: formatName, Feature: fmt.Sprintf("qcow2 version %d (only 2 and 3 exist)", h.Version)}
+		return nil, &disk.UnsupportedFormatError{Format: formatName, Version: strconv.FormatUint(uint64(h.Version), 10)}
 	}
 	if h.ClusterBits < minClusterBits || h.ClusterBits > maxClusterBits {
 		return nil, formatErr(offClusterBits, "cluster_bits %d out of range %d..%d", h.ClusterBits, minClusterBits, maxClusterBits)
@@ -227,7 +245,7 @@ func readHeader(f io.ReaderAt, fileSize int64) (*Header, error) {
 	if err := h.checkFeatures(); err != nil {
 		return nil, err
 	}
-	if err := h.checkTables(fileSize); err != nil {
+	if err := h.checkTables(fileSize, toCheck); err != nil {
 		return nil, err
 	}
 	if err := h.readBitmaps(f, fileSize); err != nil {
@@ -311,8 +329,10 @@ func (h *Header) checkFeatures() error {
 }
 
 // checkTables validates where the L1, refcount and snapshot tables lie and
-// that the L1 table covers the virtual disk.
-func (h *Header) checkTables(fileSize int64) error {
+// that the L1 table covers the virtual disk. With toCheck, only what
+// QEMU's qcow2_do_open checks under BDRV_O_CHECK (qcow2_validate_table:
+// the size limits, alignment, offsets that overflow) is refused.
+func (h *Header) checkTables(fileSize int64, toCheck bool) error {
 	cs := uint64(h.ClusterSize())
 	// Virtual size: the L1 table must map all of it, within QEMU's limit.
 	if h.L1Size > maxL1Entries {
@@ -321,16 +341,20 @@ func (h *Header) checkTables(fileSize int64) error {
 	if need := h.l1EntriesFor(h.Size); need > uint64(h.L1Size) {
 		return formatErr(offL1Size, "l1_size %d is too small for the virtual size %d (needs %d entries)", h.L1Size, h.Size, need)
 	}
-	if err := checkTable("active L1 table", offL1TableOffset, h.L1TableOffset, uint64(h.L1Size)*8, cs, fileSize); err != nil {
+	check := checkTable
+	if toCheck {
+		check = checkTableAsQEMU
+	}
+	if err := check("active L1 table", offL1TableOffset, h.L1TableOffset, uint64(h.L1Size)*8, cs, fileSize); err != nil {
 		return err
 	}
-	if h.RefcountTableClusters == 0 {
+	if h.RefcountTableClusters == 0 && !toCheck {
 		return formatErr(offRefcountTableClusters, "refcount_table_clusters is 0: the image has no refcount table")
 	}
 	if maxClusters := uint64(maxRefcountTableBytes) / cs; uint64(h.RefcountTableClusters) > maxClusters {
 		return formatErr(offRefcountTableClusters, "refcount_table_clusters %d exceeds the limit of %d clusters (8 MiB)", h.RefcountTableClusters, maxClusters)
 	}
-	if err := checkTable("refcount table", offRefcountTableOffset, h.RefcountTableOffset, uint64(h.RefcountTableClusters)*cs, cs, fileSize); err != nil {
+	if err := check("refcount table", offRefcountTableOffset, h.RefcountTableOffset, uint64(h.RefcountTableClusters)*cs, cs, fileSize); err != nil {
 		return err
 	}
 	if h.NbSnapshots > maxSnapshots {
@@ -339,6 +363,18 @@ func (h *Header) checkTables(fileSize int64) error {
 	// Each snapshot entry takes at least its fixed part; readSnapshots
 	// checks the exact extent.
 	return checkTable("snapshot table", offSnapshotsOffset, h.SnapshotsOffset, uint64(h.NbSnapshots)*snapshotHeaderSize, cs, fileSize)
+}
+
+// checkTableAsQEMU checks what qcow2_validate_table checks of a table of n
+// bytes at off: cluster aligned, and an end that fits an int64.
+func checkTableAsQEMU(name string, field int64, off, n, clusterSize uint64, _ int64) error {
+	if off%clusterSize != 0 {
+		return formatErr(field, "%s offset %#x is not aligned to the cluster size %d", name, off, clusterSize)
+	}
+	if off > math.MaxInt64-n {
+		return formatErr(field, "%s (%d bytes at %#x) ends past the largest file offset", name, n, off)
+	}
+	return nil
 }
 
 // l1EntriesFor returns how many L1 entries map size bytes of guest disk,

@@ -45,8 +45,16 @@
 //
 // Open returns a *disk.FormatError (matching disk.ErrFormat) for a
 // malformed image, a *disk.UnsupportedError (disk.ErrNotSupported) for
-// features this package does not implement, and the host file's error
-// (wrapped with context) when a backing or data file cannot be opened.
+// features this package does not implement, a *disk.UnsupportedFormatError
+// (disk.ErrNotSupported) for a header version other than 2 and 3, and the
+// host file's error (wrapped with context) when a backing or data file
+// cannot be opened. A snapshot table entry whose L1 table is invalid
+// (unaligned, over 32 MiB, at offset 0 or past the end of the file) is
+// reported (a corruption, naming the snapshot) only when that snapshot
+// is used: opened with disk.OpenOptions.Snapshot, or by a read-write
+// open, whose allocator keeps off every snapshot's tables; the active
+// image still opens read-only, as in QEMU, and Check reports the entry as
+// qemu-img check does.
 // ReadAt returns a *disk.FormatError with Corrupt set (matching
 // disk.ErrCorrupt) when a table entry it follows is invalid (reserved bits
 // set, misaligned, pointing past the end of the file) or a compressed
@@ -102,16 +110,19 @@ func init() { disk.MustRegister(Driver{}) }
 // Name returns "qcow2".
 func (Driver) Name() string { return formatName }
 
-// Probe returns 100 for a header with the qcow2 magic and version 2 or 3,
-// else 0.
+// Probe returns 100 for a header with the qcow2 magic and any version
+// but 1 (qcow, which disk.Probe names), else 0. QEMU's qcow2_probe
+// claims versions 2 and up, and Open then refuses the versions it does
+// not read; imgloop claims version 0 too, so that no header with the
+// magic is ever read as raw.
 func (Driver) Probe(header []byte) int {
 	if len(header) < 8 || string(header[:4]) != "QFI\xfb" {
 		return 0
 	}
-	if v := binary.BigEndian.Uint32(header[4:8]); v == 2 || v == 3 {
-		return 100
+	if binary.BigEndian.Uint32(header[4:8]) == 1 {
+		return 0
 	}
-	return 0
+	return 100
 }
 
 // Open opens the qcow2 image in f (see the package Open).
@@ -210,8 +221,9 @@ var (
 // opts.Parents is passed on, with this image's path appended, when the
 // backing file is opened.
 //
-// Errors: *disk.FormatError, *disk.UnsupportedError, and wrapped errors of
-// the host, backing and data files.
+// Errors: *disk.FormatError, *disk.UnsupportedError,
+// *disk.UnsupportedFormatError, and wrapped errors of the host, backing
+// and data files.
 func Open(f disk.File, opts disk.OpenOptions) (_ *Image, err error) {
 	fileSize, err := f.Size()
 	if err != nil {
@@ -256,12 +268,27 @@ func Open(f disk.File, opts disk.OpenOptions) (_ *Image, err error) {
 	if img.snaps, err = readSnapshots(f, h, fileSize); err != nil {
 		return nil, err
 	}
+	writable := !opts.ReadOnly && opts.Snapshot == ""
+	if writable {
+		// The allocator keeps off every snapshot's L1 table (as QEMU's
+		// overlap check does, which fails writes otherwise): all must
+		// be sound. Read-only, the active image opens whatever the
+		// snapshots' state; check reports them.
+		for i := range img.snaps {
+			if err = img.snaps[i].checkL1(uint64(h.ClusterSize()), fileSize); err != nil {
+				return nil, fmt.Errorf("%w (the image opens read-only; imgloop check reports it)", err)
+			}
+		}
+	}
 	if err = img.openDataFile(opts); err != nil {
 		return nil, err
 	}
 	l1Offset, l1Size := h.L1TableOffset, h.L1Size
 	if opts.Snapshot != "" {
 		if img.snapshot, err = findSnapshot(img.snaps, opts.Snapshot); err != nil {
+			return nil, err
+		}
+		if err = img.snapshot.checkL1(uint64(h.ClusterSize()), fileSize); err != nil {
 			return nil, err
 		}
 		l1Offset, l1Size = img.snapshot.L1TableOffset, img.snapshot.L1Size
@@ -282,7 +309,7 @@ func Open(f disk.File, opts disk.OpenOptions) (_ *Image, err error) {
 	if err = img.openBacking(opts); err != nil {
 		return nil, err
 	}
-	if !opts.ReadOnly && opts.Snapshot == "" {
+	if writable {
 		img.initWriter(fileSize)
 	}
 	return img, nil

@@ -421,8 +421,9 @@ func TestProbe(t *testing.T) {
 	}{
 		{"QFI\xfb\x00\x00\x00\x02", 100},
 		{"QFI\xfb\x00\x00\x00\x03rest", 100},
-		{"QFI\xfb\x00\x00\x00\x01", 0},
-		{"QFI\xfb\x00\x00\x00\x04", 0},
+		{"QFI\xfb\x00\x00\x00\x01", 0},   // qcow v1: disk.Probe names it
+		{"QFI\xfb\x00\x00\x00\x04", 100}, // Open refuses the version
+		{"QFI\xfb\x00\x00\x00\x00", 100},
 		{"QFI\xfb", 0},
 		{"", 0},
 		{"QFI\xfa\x00\x00\x00\x03", 0},

@@ -56,7 +56,10 @@ func readRefcountTable(f io.ReaderAt, h *Header, fileSize int64) (*refcountTable
 		return nil, formatErr(offRefcountTableClusters, "refcount table of %d bytes exceeds the limit of %d", n, maxRefcountTableBytes)
 	}
 	buf := make([]byte, n)
-	if err := readAt(f, buf, int64(h.RefcountTableOffset)); err != nil {
+	// Past the end of the file the table reads as zeros, as in QEMU: only
+	// Check meets such a table (readHeader refuses it, readHeaderToCheck
+	// lets it through for diagnosis).
+	if err := readAtZero(f, buf, int64(h.RefcountTableOffset), fileSize); err != nil {
 		return nil, fmt.Errorf("qcow2: reading the refcount table: %w", err)
 	}
 	t := &refcountTable{

@@ -67,9 +67,10 @@ type SnapshotEntry struct {
 
 // readSnapshots reads the snapshot table of h from f, a file of fileSize
 // bytes. Every entry must lie inside the file and the table within QEMU's
-// limits (65536 entries, 64 MiB, 1 KiB of extra data per entry); each
-// snapshot's L1 table must be cluster aligned, at most 32 MiB and inside
-// the file.
+// limits (65536 entries, 64 MiB, 1 KiB of extra data per entry). A
+// snapshot's own tables are not checked here but when the snapshot is
+// used (checkL1), as QEMU does: a damaged entry must not keep the active
+// image, which does not use it, from being read.
 //
 // Errors: *disk.FormatError (disk.ErrFormat) for a malformed table; the read
 // error of f, wrapped.
@@ -140,24 +141,41 @@ func readSnapshots(f io.ReaderAt, h *Header, fileSize int64) ([]SnapshotEntry, e
 		}
 		s.Name = string(name)
 		off = p + nameSize
-
-		if s.L1Size > maxL1Entries {
-			return nil, entryErr(s.Offset+8, "L1 table of %d entries exceeds the limit of %d (32 MiB)", s.L1Size, maxL1Entries)
-		}
-		if s.L1TableOffset%cs != 0 {
-			return nil, entryErr(s.Offset, "L1 table offset %#x is not aligned to the cluster size %d", s.L1TableOffset, cs)
-		}
-		if n := uint64(s.L1Size) * 8; n != 0 {
-			if s.L1TableOffset == 0 {
-				return nil, entryErr(s.Offset, "L1 table at offset 0 overlaps the header")
-			}
-			if s.L1TableOffset > uint64(fileSize) || n > uint64(fileSize)-s.L1TableOffset {
-				return nil, entryErr(s.Offset, "L1 table (%d bytes at %#x) extends past the end of the file (%d bytes)", n, s.L1TableOffset, fileSize)
-			}
-		}
 		list = append(list, s)
 	}
 	return list, nil
+}
+
+// checkL1 validates the snapshot's L1 table, for an image whose clusters
+// are cs bytes, in a file of fileSize bytes: at most 32 MiB, cluster
+// aligned, past the header and inside the file (QEMU's
+// qcow2_validate_table, plus the end of the file, past which QEMU would
+// read zeros). Callers check a snapshot before they use its tables:
+// Open on the snapshot it opens, and on all of them for writing, whose
+// allocator must keep off every snapshot's L1 table.
+//
+// Errors: *disk.FormatError (disk.ErrFormat, disk.ErrCorrupt) naming
+// the snapshot.
+func (s *SnapshotEntry) checkL1(cs uint64, fileSize int64) error {
+	bad := func(at int64, format string, args ...any) error {
+		return &disk.FormatError{Format: formatName, Offset: at, Corrupt: true,
+			What: fmt.Sprintf("snapshot %s (%q): %s; snapshot table entry corrupted", s.ID, s.Name, fmt.Sprintf(format, args...))}
+	}
+	if s.L1Size > maxL1Entries {
+		return bad(s.Offset+8, "L1 table of %d entries exceeds the limit of %d (32 MiB)", s.L1Size, maxL1Entries)
+	}
+	if s.L1TableOffset%cs != 0 {
+		return bad(s.Offset, "L1 table offset %#x is not aligned to the cluster size %d", s.L1TableOffset, cs)
+	}
+	if n := uint64(s.L1Size) * 8; n != 0 {
+		if s.L1TableOffset == 0 {
+			return bad(s.Offset, "L1 table at offset 0 overlaps the header")
+		}
+		if s.L1TableOffset > uint64(fileSize) || n > uint64(fileSize)-s.L1TableOffset {
+			return bad(s.Offset, "L1 table (%d bytes at %#x) extends past the end of the file (%d bytes)", n, s.L1TableOffset, fileSize)
+		}
+	}
+	return nil
 }
 
 // tableReader reads a variable-length table from f in bounded chunks.

@@ -11,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/imgloop/imgloop/disk"
+	"github.com/imgloop/imgloop/disk/hostfile"
 	"github.com/imgloop/imgloop/internal/qemutest"
 )
 
@@ -245,6 +246,10 @@ func snapTable(entries []snapEntry, pad int) (*Header, []byte) {
 	return h, b
 }
 
+// TestReadSnapshotsHostile reads damaged snapshot tables: a damaged
+// table is refused, while a damaged entry's L1 table is refused only
+// when the snapshot is used (checkL1), so that the active image stays
+// readable, as in QEMU.
 func TestReadSnapshotsHostile(t *testing.T) {
 	extra16 := make([]byte, 16)
 	good := snapEntry{l1Offset: 0x200, l1Size: 1, id: "1", name: "a", extra: extra16}
@@ -253,7 +258,7 @@ func TestReadSnapshotsHostile(t *testing.T) {
 		entries []snapEntry
 		pad     int
 		edit    func(h *Header, b []byte) []byte
-		text    string
+		text    string // in readSnapshots's error ("l1 ..." cases: checkL1's)
 	}{
 		{"valid", []snapEntry{good, good}, 0, nil, ""},
 		{"count past EOF", []snapEntry{good}, 0, func(h *Header, b []byte) []byte { h.NbSnapshots = 3; return b }, "end of the file"},
@@ -278,6 +283,17 @@ func TestReadSnapshotsHostile(t *testing.T) {
 				b = tt.edit(h, b)
 			}
 			list, err := readSnapshots(bytes.NewReader(b), h, int64(len(b)))
+			if strings.HasPrefix(tt.name, "l1 ") {
+				// The table reads; the entry fails when used.
+				if err != nil || len(list) != 1 {
+					t.Fatalf("got %d snapshots, %v; want the table read", len(list), err)
+				}
+				err = list[0].checkL1(512, int64(len(b)))
+				if !errors.Is(err, disk.ErrCorrupt) || !strings.Contains(err.Error(), tt.text) {
+					t.Errorf("checkL1: %v, want a corruption mentioning %q", err, tt.text)
+				}
+				return
+			}
 			if tt.text == "" {
 				if err != nil || len(list) != len(tt.entries) {
 					t.Fatalf("got %d snapshots, %v", len(list), err)
@@ -360,5 +376,50 @@ func TestReadSnapshotsReadError(t *testing.T) {
 	_, err = readSnapshots(f, h, 0x400)
 	if !errors.Is(err, os.ErrClosed) {
 		t.Fatalf("error %v does not wrap os.ErrClosed", err)
+	}
+}
+
+// TestOpenDamagedSnapshotEntry opens an image whose first snapshot's
+// entry names an unaligned L1 table: the active image and the other
+// snapshots open read-only and read as qemu-img reads them; the damaged
+// snapshot, and a read-write open (whose allocator keeps off every
+// snapshot's L1 table), are refused as corrupt, naming the snapshot.
+func TestOpenDamagedSnapshotEntry(t *testing.T) {
+	qemutest.Require(t, "qemu-img", "qemu-io")
+	path := snapshotImage(t, t.TempDir(), "")
+	b := readFile(t, path)
+	entry := binary.BigEndian.Uint64(b[offSnapshotsOffset:])
+	binary.BigEndian.PutUint64(b[entry:], binary.BigEndian.Uint64(b[entry:])+512)
+	if err := os.WriteFile(path, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, snap := range []string{"", "two", "with space"} {
+		img := openImage(t, path, disk.OpenOptions{ReadOnly: true, Snapshot: snap})
+		got := make([]byte, img.Size())
+		if _, err := img.ReadAt(got, 0); err != nil {
+			t.Fatalf("snapshot %q: ReadAt: %v", snap, err)
+		}
+		var args []string
+		if snap != "" {
+			args = []string{"-l", snap}
+		}
+		if d := qemutest.FirstDiff(got, qemutest.RawBytes(t, path, args...)); d >= 0 {
+			t.Errorf("snapshot %q differs from qemu-img's at %d", snap, d)
+		}
+	}
+	for _, opts := range []disk.OpenOptions{{ReadOnly: true, Snapshot: "one"}, {}} {
+		f, err := hostfile.Open(path, opts.ReadOnly)
+		if err != nil {
+			t.Fatal(err)
+		}
+		img, err := Open(f, opts)
+		if err == nil {
+			img.Close()
+		} else {
+			f.Close()
+		}
+		if !errors.Is(err, disk.ErrCorrupt) || !strings.Contains(err.Error(), `snapshot 1 ("one")`) {
+			t.Errorf("Open(%+v) = %v, want a corruption naming snapshot 1", opts, err)
+		}
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -470,11 +471,20 @@ func TestWriteParallel(t *testing.T) {
 }
 
 // TestWriteGrowRefcountTable writes more host clusters than the refcount
-// table qemu-img created can count, so that it moves to a larger place.
+// table qemu-img created can count, so that it moves to a larger place:
+// the header (as info --header prints it) names a larger table elsewhere,
+// large enough for the file, and qemu-img check finds it clean, with the
+// old table's cluster freed.
 func TestWriteGrowRefcountTable(t *testing.T) {
 	qemutest.Require(t, "qemu-img")
 	p := filepath.Join(t.TempDir(), "img.qcow2")
 	qemutest.Create(t, p, "qcow2", "cluster_size=512", "20M")
+	// 512-byte clusters, 16-bit refcounts: one table cluster points at 64
+	// blocks of 256 refcounts, 8 MiB of file: 20 MiB of data outgrow it.
+	before := headerFields(t, p)
+	if before["refcount_table_clusters"] != "1" {
+		t.Fatalf("qemu-img made a refcount table of %s clusters, want 1", before["refcount_table_clusters"])
+	}
 	model := make([]byte, 20<<20)
 	img := openRW(t, p)
 	r := rand.New(rand.NewPCG(8, 8))
@@ -490,8 +500,39 @@ func TestWriteGrowRefcountTable(t *testing.T) {
 	}
 	randomWrites(t, img, model, 9, 50)
 	finishWrites(t, img, p, model)
-	info := qemutest.Info(t, p)
-	t.Logf("actual size %v", info["actual-size"])
+	after := headerFields(t, p)
+	clusters, err := strconv.ParseUint(after["refcount_table_clusters"], 10, 32)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Stat(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Each table cluster covers 64 blocks of 256 clusters of 512 bytes.
+	if covered := int64(clusters) * 64 * 256 * 512; clusters <= 1 || covered < fi.Size() {
+		t.Errorf("refcount_table_clusters %d covers %d bytes, file of %d", clusters, covered, fi.Size())
+	}
+	if after["refcount_table_offset"] == before["refcount_table_offset"] {
+		t.Errorf("refcount table still at %s", after["refcount_table_offset"])
+	}
+	t.Logf("refcount table: %s cluster at %s -> %s clusters at %s", before["refcount_table_clusters"],
+		before["refcount_table_offset"], after["refcount_table_clusters"], after["refcount_table_offset"])
+}
+
+// headerFields returns the header fields of the image at path by name,
+// as imgloop info --header prints them.
+func headerFields(t *testing.T, path string) map[string]string {
+	t.Helper()
+	h, err := parseBytes(readFile(t, path))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := map[string]string{}
+	for _, f := range h.Fields() {
+		m[f.Name] = f.Value
+	}
+	return m
 }
 
 // TestWriteHostileEntry points an L2 entry at the L1 table: writes must

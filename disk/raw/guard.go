@@ -16,7 +16,9 @@ var ErrProbedFormatChange = errors.New("write would change the probed format of 
 
 // checkProbe reports whether writing data (or, if data is nil, zeros) over
 // [off, off+n) would leave a first sector that Detect assigns to another
-// driver. The caller holds img.guard and has checked the range.
+// driver or to a format without one. Only the first sector is guarded,
+// as in QEMU: detection never rests on the rest of the file (see
+// disk.Sample). The caller holds img.guard and has checked the range.
 func (img *Image) checkProbe(off int64, data []byte, n int64) error {
 	var sector [sectorSize]byte
 	have := min(img.size.Load(), sectorSize)
@@ -33,11 +35,20 @@ func (img *Image) checkProbe(off int64, data []byte, n int64) error {
 		clear(sector[off:end])
 	}
 	d, err := disk.Detect(sector[:have])
-	if err != nil || d.Name() == Name {
+	var other string
+	var ufe *disk.UnsupportedFormatError
+	switch {
+	case errors.As(err, &ufe):
+		// A format without a driver (VMDK, LUKS, ...): QEMU's guard
+		// refuses those too, and the image would no longer open.
+		other = ufe.Format
+	case err != nil || d.Name() == Name:
 		// No driver claims the sector (raw is not registered, which
 		// cannot happen once this package is imported) or raw wins.
 		return nil
+	default:
+		other = d.Name()
 	}
 	return fmt.Errorf("raw: write at offset %d: sector 0 would probe as %q: %w: %w",
-		off, d.Name(), ErrProbedFormatChange, disk.ErrNotSupported)
+		off, other, ErrProbedFormatChange, disk.ErrNotSupported)
 }

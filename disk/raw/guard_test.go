@@ -59,6 +59,13 @@ func TestProbeGuard(t *testing.T) {
 		{"MBR signature", nil, true, []op{write([]byte{0x55, 0xaa}, 510)}, false},
 		{"magic at sector 1", nil, true, []op{write(qcow2Magic, 512)}, false},
 		{"wrong version", nil, true, []op{write([]byte("QFI\xfb\x00\x00\x00\x09"), 0)}, false},
+		// Formats without a driver count too, as in QEMU's guard.
+		{"vmdk magic, probed", nil, true, []op{write([]byte("KDMV"), 0)}, true},
+		{"vhd footer copy, probed", nil, true, []op{write([]byte("conectix"), 0)}, true},
+		{"luks header, probed", nil, true, []op{write([]byte("LUKS\xba\xbe\x00\x01"), 0)}, true},
+		{"qcow v1 header, probed", nil, true, []op{write([]byte("QFI\xfb\x00\x00\x00\x01"), 0)}, true},
+		{"vmdk magic, named raw", nil, false, []op{write([]byte("KDMV"), 0)}, false},
+		{"vhd footer in the last sector", nil, true, []op{write([]byte("conectix"), 8192-512)}, false},
 		{"zeroes make it probe as another format", []byte("XXXXZERO"), true,
 			[]op{func(img *Image) error { return img.WriteZeroes(0, 4, 0) }}, true},
 		// A discard punches whole blocks only, so the first sector ends
