@@ -3,6 +3,7 @@ package disktest
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"runtime"
 	"slices"
@@ -16,13 +17,29 @@ func TestModelConformance(t *testing.T) {
 	for _, size := range []int64{0, 1, 511, 4096, 1<<20 + 3} {
 		content := make([]byte, size)
 		fill(rand.New(rand.NewPCG(uint64(size), 1)), content)
-		t.Run("", func(t *testing.T) {
+		t.Run(fmt.Sprintf("%d bytes", size), func(t *testing.T) {
 			Run(t, func(t *testing.T) disk.Image { return NewModelFrom(content) }, Options{Model: content})
 		})
 	}
 	t.Run("no model", func(t *testing.T) {
 		Run(t, func(t *testing.T) disk.Image { return NewModel(3 << 20) }, Options{Seed: 7})
 	})
+	content := make([]byte, 3<<20+1000)
+	fill(rand.New(rand.NewPCG(2, 2)), content)
+	clear(content[1<<20 : 2<<20]) // holes to discard over
+	for _, c := range []struct {
+		name string
+		mo   ModelOptions
+		opts Options
+	}{
+		{"read-only", ModelOptions{ReadOnly: true}, Options{ReadOnly: true, Model: content}},
+		{"discard 512, sampled", ModelOptions{DiscardAlignment: 512}, Options{Model: content, MaxRead: 1 << 20}},
+		{"discard 1MiB", ModelOptions{DiscardAlignment: 1 << 20}, Options{Model: content}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			Run(t, func(t *testing.T) disk.Image { return NewModelWith(content, c.mo) }, c.opts)
+		})
+	}
 }
 
 func TestModelDiscardAndMap(t *testing.T) {

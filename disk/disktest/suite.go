@@ -15,17 +15,28 @@ import (
 
 // Options say what Run may expect of the images it is given.
 type Options struct {
-	// ReadOnly: the image refuses WriteAt (and Discard, WriteZeroes) with
-	// disk.ErrReadOnly; the write tests are replaced by checks of that.
+	// ReadOnly: the image was opened read-only. Its capabilities must
+	// say so, and every write-like call (WriteAt, Discard, WriteZeroes,
+	// Resize and their export forms) must fail with disk.ErrReadOnly;
+	// the write tests are replaced by checks of that.
 	ReadOnly bool
 	// Model is the image's expected content as opened (len(Model) ==
 	// Size()), nil if unknown; without it reads are checked against
 	// each other.
 	Model []byte
-	// DiscardKeepsData: after Discard a range need not read as zeros
-	// (e.g. it falls through to a backing file); only the call's success
-	// is checked. By default discarded ranges must read as zeros.
+	// DiscardKeepsData: the whole units a Discard deallocates need not
+	// read as zeros afterwards (e.g. they fall through to a backing
+	// file, as in a qcow2 version 2 image); they may read as anything.
+	// By default they must read as zeros. Either way the rest of the
+	// range must read as before.
 	DiscardKeepsData bool
+	// SlowZero: WriteZeroes with disk.ZeroFast may fail with
+	// disk.ErrSlowZero even on ranges aligned to Limits.ZeroAlignment of
+	// an image whose capabilities claim Zero (a format that must write
+	// zeros where the range does not read as zeros already, e.g. qcow2
+	// version 2, which has no zero clusters). By default such a range
+	// must be zeroed fast.
+	SlowZero bool
 	// MaxRead bounds how many bytes a whole-image check reads (default
 	// 64 MiB); larger images are checked by sampling.
 	MaxRead int64
@@ -37,7 +48,8 @@ type Options struct {
 // Run runs the conformance suite: each subtest calls open for a fresh
 // image, which Run closes at the end of the subtest (open registers the
 // cleanup of whatever else it made, e.g. with t.TempDir). Images may be
-// modified by the write subtests.
+// modified by the write subtests. A case for a capability the image does
+// not claim (disk.CapabilitiesOf) skips, saying so.
 func Run(t *testing.T, open func(t *testing.T) disk.Image, opts Options) {
 	if opts.MaxRead <= 0 {
 		opts.MaxRead = 64 << 20
@@ -48,17 +60,24 @@ func Run(t *testing.T, open func(t *testing.T) disk.Image, opts Options) {
 	s := &suite{open: open, opts: opts}
 	t.Logf("disktest seed %d (Options.Seed)", opts.Seed)
 	t.Run("Geometry", s.geometry)
+	t.Run("Limits", s.limits)
+	t.Run("Capabilities", s.capabilities)
 	t.Run("Read", s.read)
 	t.Run("ParallelRead", s.parallelRead)
 	t.Run("OutOfRange", s.outOfRange)
 	t.Run("Extents", s.extents)
+	t.Run("ContextCancelled", s.contextCancelled)
 	if opts.ReadOnly {
 		t.Run("ReadOnly", s.readOnly)
 	} else {
 		t.Run("RoundTrip", s.roundTrip)
 		t.Run("ParallelWrite", s.parallelWrite)
 		t.Run("Zeroes", s.zeroes)
+		t.Run("FastZero", s.fastZero)
+		t.Run("FUA", s.fua)
+		t.Run("Discard", s.discard)
 		t.Run("ExtentsAfterWrites", s.extentsAfterWrites)
+		t.Run("Context", s.contextHelpers)
 	}
 	t.Run("Close", s.close)
 }
@@ -379,27 +398,6 @@ func (s *suite) extents(t *testing.T) {
 	}
 }
 
-func (s *suite) readOnly(t *testing.T) {
-	img := s.image(t)
-	if img.Size() == 0 {
-		t.Skip("empty image")
-	}
-	if _, err := img.WriteAt([]byte{1}, 0); !errors.Is(err, disk.ErrReadOnly) {
-		t.Errorf("WriteAt on a read-only image: %v, want ErrReadOnly", err)
-	}
-	for name, err := range map[string]error{
-		"Discard":     disk.Discard(img, 0, 1),
-		"WriteZeroes": disk.WriteZeroes(img, 0, 1, 0),
-	} {
-		if !errors.Is(err, disk.ErrReadOnly) && !errors.Is(err, disk.ErrNotSupported) {
-			t.Errorf("%s on a read-only image: %v, want ErrReadOnly or ErrNotSupported", name, err)
-		}
-	}
-	if err := img.Flush(); err != nil {
-		t.Errorf("Flush on a read-only image: %v", err)
-	}
-}
-
 // writeCheck writes data at off and checks, by reading a margin around
 // it, that exactly that range changed. expected, if not nil, is the
 // whole disk and is updated.
@@ -497,8 +495,8 @@ func (s *suite) parallelWrite(t *testing.T) {
 	}
 }
 
-// zeroOp is one way of zeroing a range (Discard leaves unaligned parts
-// alone: RandomOps checks it).
+// zeroOp is one way of zeroing a range (Discard, which leaves unaligned
+// parts alone, has its own case).
 type zeroOp struct {
 	name string
 	do   func(img disk.Image, off, n int64) error
