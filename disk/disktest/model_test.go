@@ -40,6 +40,10 @@ func TestModelConformance(t *testing.T) {
 			Run(t, func(t *testing.T) disk.Image { return NewModelWith(content, c.mo) }, c.opts)
 		})
 	}
+	// The parallel cases over a larger area than MaxRead.
+	t.Run("ParallelSize", func(t *testing.T) {
+		Run(t, func(t *testing.T) disk.Image { return NewModel(6 << 20) }, Options{ParallelSize: 5 << 20, MaxRead: 1 << 20})
+	})
 }
 
 func TestModelDiscardAndMap(t *testing.T) {
