@@ -292,8 +292,10 @@ func (s *suite) discard(t *testing.T) {
 		}
 		err := disk.Discard(img, off, n)
 		if err != nil {
-			if !c.Discard && errors.Is(err, disk.ErrNotSupported) && done == 0 {
-				t.Skipf("the image does not claim Discard: %v", err)
+			// An image that does not claim Discard may refuse it (after
+			// doing nothing for discards of less than a unit).
+			if !c.Discard && errors.Is(err, disk.ErrNotSupported) {
+				t.Skipf("the image does not claim Discard: %s: %v (%d discards before kept the contract)", what, err, done)
 			}
 			t.Fatalf("%s: %v", what, err)
 		}
