@@ -136,9 +136,10 @@ type Capabler interface {
 
 // CapabilitiesOf returns img's capabilities. An image that does not state
 // them is taken to be writable, with Discard and Zero where it implements
-// Discarder and ZeroWriter, Resize where it implements Resizer and
-// ResizeNotifier, and Extents where it implements Mapper. A read-only
-// image never has Flush, Discard, Zero, FUA or Resize.
+// Discarder and ZeroWriter, FUA where it implements FUAWriter, Resize
+// where it implements Resizer and ResizeNotifier, and Extents where it
+// implements Mapper. A read-only image never has Flush, Discard, Zero,
+// FUA or Resize.
 func CapabilitiesOf(img Image) Capabilities {
 	var c Capabilities
 	if cp, ok := img.(Capabler); ok {
@@ -146,6 +147,7 @@ func CapabilitiesOf(img Image) Capabilities {
 	} else {
 		_, c.Discard = img.(Discarder)
 		_, c.Zero = img.(ZeroWriter)
+		_, c.FUA = img.(FUAWriter)
 		_, r := img.(Resizer)
 		_, n := img.(ResizeNotifier)
 		c.Resize = r && n

@@ -53,6 +53,14 @@ func TestHelpersWithoutCapabilities(t *testing.T) {
 	if err := disk.WriteZeroes(img, 0, 512, 0); !errors.Is(err, disk.ErrNotSupported) {
 		t.Errorf("WriteZeroes = %v, want ErrNotSupported", err)
 	}
+	// Asked to be fast, a missing ZeroWriter is "slow", not "not
+	// supported" (a caller falls back to writing zeros on the latter).
+	if err := disk.WriteZeroes(img, 0, 512, disk.ZeroFast); !errors.Is(err, disk.ErrSlowZero) || errors.Is(err, disk.ErrNotSupported) {
+		t.Errorf("WriteZeroes(ZeroFast) = %v, want ErrSlowZero only", err)
+	}
+	if err := disk.Resize(img, 8192); !errors.Is(err, disk.ErrNotSupported) {
+		t.Errorf("Resize = %v, want ErrNotSupported", err)
+	}
 	e, err := disk.Map(img, 512, 1024)
 	want := disk.Extent{Offset: 512, Length: 1024, Status: disk.StatusData | disk.StatusAllocated, HostOffset: -1}
 	if err != nil || e != want {

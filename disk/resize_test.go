@@ -22,7 +22,7 @@ func TestResizeHelper(t *testing.T) {
 		img     disk.Image
 		wantErr error
 	}{
-		{"not a Resizer", disktest.NewModel(4096), disk.ErrNotSupported},
+		{"not a Resizer", bareImage{size: 4096}, disk.ErrNotSupported}, // disktest.Model resizes
 		{"Resizer", &resizable{Model: disktest.NewModel(4096)}, nil},
 	}
 	for _, tt := range tests {

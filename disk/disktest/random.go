@@ -12,12 +12,15 @@ import (
 )
 
 // RandomOps applies n seeded random operations to img and to model, which
-// must start with the same content and size: writes of every shape,
-// Discard and WriteZeroes (with and without ZeroNoUnmap) when img offers
-// them, flushes, and reads, each compared with the model. img's discarded
-// ranges must read as zeros. At the end the whole disk is compared (up to
-// 256 MiB). A failure reports the seed and the last operations, so that
-// `RandomOps(t, seed, ...)` replays it.
+// must start with the same content and size: writes of every shape (some
+// with WriteFUA), Discard and WriteZeroes (with ZeroNoUnmap, ZeroFast and
+// ZeroFUA) when img offers them, flushes, and reads, each compared with
+// the model. A discard must leave what lies outside the whole units of
+// img's Limits.DiscardAlignment as it was, and those units must read as
+// zeros; a fast zero either zeroes its range or fails with
+// disk.ErrSlowZero and changes nothing. At the end the whole disk is
+// compared (up to 256 MiB). A failure reports the seed and the last
+// operations, so that `RandomOps(t, seed, ...)` replays it.
 func RandomOps(t testing.TB, seed uint64, img disk.Image, model *Model, n int) {
 	t.Helper()
 	size := img.Size()
@@ -27,6 +30,7 @@ func RandomOps(t testing.TB, seed uint64, img disk.Image, model *Model, n int) {
 	if size == 0 {
 		return
 	}
+	align := disk.LimitsOf(img).DiscardAlignment
 	r := rand.New(rand.NewPCG(seed, 0x5eed))
 	var history []string
 	fail := func(format string, args ...any) {
@@ -47,9 +51,13 @@ func RandomOps(t testing.TB, seed uint64, img disk.Image, model *Model, n int) {
 			if r.IntN(4) == 0 {
 				clear(data[:k/2]) // some zero runs, for drivers that detect them
 			}
-			history = append(history, fmt.Sprintf("WriteAt(%d bytes at %d)", k, off))
-			if m, err := img.WriteAt(data, off); err != nil || m != int(k) {
-				fail("WriteAt = %d, %v", m, err)
+			flags := disk.WriteFlags(0)
+			if r.IntN(8) == 0 {
+				flags = disk.WriteFUA
+			}
+			history = append(history, fmt.Sprintf("WriteAtFlags(%d bytes at %d, %#x)", k, off, flags))
+			if m, err := disk.WriteAtFlags(img, data, off, flags); err != nil || m != int(k) {
+				fail("WriteAtFlags = %d, %v", m, err)
 			}
 			model.WriteAt(data, off)
 		case p < 50 && canDiscard:
@@ -62,26 +70,40 @@ func RandomOps(t testing.TB, seed uint64, img disk.Image, model *Model, n int) {
 			if err != nil {
 				fail("Discard: %v", err)
 			}
-			// Only the whole units of the image's discard alignment
-			// are discarded (disk.Discarder).
-			unit := disk.LimitsOf(img).DiscardAlignment
-			a, b := (off+unit-1)/unit*unit, (off+k)/unit*unit
-			if off+k == size {
-				b = size
-			}
-			if a < b {
-				model.WriteZeroes(a, b-a, 0)
+			// Only the whole units read as zeros now; the disk's last,
+			// partial unit may or may not have been discarded.
+			a, b, ea, eb := discardSpans(off, k, size, align)
+			model.WriteZeroes(a, b-a, 0)
+			if eb > ea {
+				got, old := buf[:eb-ea], want[:eb-ea]
+				if _, err := img.ReadAt(got, ea); err != nil {
+					fail("ReadAt(%d at %d): %v", eb-ea, ea, err)
+				}
+				model.ReadAt(old, ea)
+				if !bytes.Equal(got, old) && nonZero(got) >= 0 {
+					fail("the disk's last, partial unit [%d, %d) reads neither as before nor as zeros", ea, eb)
+				}
+				model.WriteAt(got, ea)
 			}
 		case p < 60 && canZero:
 			flags := disk.ZeroFlags(0)
 			if r.IntN(2) == 0 {
 				flags = disk.ZeroNoUnmap
 			}
-			history = append(history, fmt.Sprintf("WriteZeroes(%d, %d, %d)", off, k, flags))
+			if r.IntN(4) == 0 {
+				flags |= disk.ZeroFast
+			}
+			if r.IntN(8) == 0 {
+				flags |= disk.ZeroFUA
+			}
+			history = append(history, fmt.Sprintf("WriteZeroes(%d, %d, %#x)", off, k, flags))
 			err := disk.WriteZeroes(img, off, k, flags)
 			if errors.Is(err, disk.ErrNotSupported) {
 				canZero = false
 				continue
+			}
+			if flags&disk.ZeroFast != 0 && errors.Is(err, disk.ErrSlowZero) {
+				continue // nothing changed: later reads check it
 			}
 			if err != nil {
 				fail("WriteZeroes: %v", err)
