@@ -83,11 +83,11 @@ func LimitsOf(img Image) Limits {
 	if l.MinTransfer <= 0 {
 		l.MinTransfer = 1
 	}
-	if l.PreferredTransfer <= 0 {
-		l.PreferredTransfer = max(4096, l.MinTransfer)
-	}
 	if l.MaxTransfer <= 0 {
 		l.MaxTransfer = DefaultMaxTransfer
+	}
+	if l.PreferredTransfer <= 0 {
+		l.PreferredTransfer = max(min(4096, l.MaxTransfer), l.MinTransfer)
 	}
 	if l.DiscardAlignment <= 0 {
 		l.DiscardAlignment = l.PreferredTransfer

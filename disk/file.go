@@ -38,6 +38,16 @@ type DataSeeker interface {
 	SeekHole(off int64) (int64, error)
 }
 
+// RangeOpsReporter is implemented by files that know whether their
+// PunchHole and ZeroRange methods work (a wrapper over a file that has
+// neither has the methods all the same); drivers then state honest
+// capabilities. Files that do not implement it are taken to support
+// what they have methods for until a call says otherwise.
+type RangeOpsReporter interface {
+	CanPunchHole() bool
+	CanZeroRange() bool
+}
+
 // ZeroRanger is implemented by files that can make a range read as zeros
 // while keeping it allocated (fallocate ZERO_RANGE|KEEP_SIZE). An error
 // matching errors.ErrUnsupported means the host cannot do it; callers then

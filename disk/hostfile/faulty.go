@@ -217,6 +217,24 @@ func (f *Faulty) PunchHole(off, n int64) error {
 	return fmt.Errorf("punch hole on %s: %w", f.f.Name(), errors.ErrUnsupported)
 }
 
+// CanPunchHole reports whether the wrapped file can punch holes.
+func (f *Faulty) CanPunchHole() bool {
+	if r, ok := f.f.(interface{ CanPunchHole() bool }); ok {
+		return r.CanPunchHole()
+	}
+	_, ok := f.f.(interface{ PunchHole(off, n int64) error })
+	return ok
+}
+
+// CanZeroRange reports whether the wrapped file can zero ranges.
+func (f *Faulty) CanZeroRange() bool {
+	if r, ok := f.f.(interface{ CanZeroRange() bool }); ok {
+		return r.CanZeroRange()
+	}
+	_, ok := f.f.(interface{ ZeroRange(off, n int64) error })
+	return ok
+}
+
 // ZeroRange zeroes a range of the wrapped file if it can.
 func (f *Faulty) ZeroRange(off, n int64) error {
 	if err := f.check(OpZeroRange); err != nil {

@@ -107,6 +107,11 @@ func (m *MemFile) ReadAt(p []byte, off int64) (int, error) {
 // WriteAt implements io.WriterAt; a write past the end extends the file,
 // leaving a hole before it.
 func (m *MemFile) WriteAt(p []byte, off int64) (int, error) {
+	return m.writeAt(p, off, false)
+}
+
+// writeAt implements WriteAt and WriteAtSync (synced).
+func (m *MemFile) writeAt(p []byte, off int64, synced bool) (int, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
@@ -116,7 +121,7 @@ func (m *MemFile) WriteAt(p []byte, off int64) (int, error) {
 		return 0, &os.PathError{Op: "write", Path: m.name, Err: ErrMemTooLarge}
 	}
 	m.cur.write(p, off)
-	m.pending = append(m.pending, memOp{kind: memWrite, off: off, data: append([]byte(nil), p...)})
+	m.pending = append(m.pending, memOp{kind: memWrite, off: off, data: append([]byte(nil), p...), synced: synced})
 	return len(p), nil
 }
 
@@ -124,13 +129,7 @@ func (m *MemFile) WriteAt(p []byte, off int64) (int, error) {
 // pwritev2 with RWF_DSYNC): every later crash keeps it, whatever becomes
 // of the unsynced operations before it.
 func (m *MemFile) WriteAtSync(p []byte, off int64) (int, error) {
-	n, err := m.WriteAt(p, off)
-	if err == nil {
-		m.mu.Lock()
-		m.pending[len(m.pending)-1].synced = true
-		m.mu.Unlock()
-	}
-	return n, err
+	return m.writeAt(p, off, true)
 }
 
 // Size returns the current length.

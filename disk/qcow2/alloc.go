@@ -335,8 +335,11 @@ func (a *allocator) atEnd(n int64) (int64, error) {
 	if err != nil {
 		return 0, err
 	}
-	a.end = off + n*a.cs
-	for c := off >> a.cb; c < a.end>>a.cb; c++ {
+	// The bound is fixed first: a refcount block created for these
+	// clusters goes right after them and moves a.end.
+	end := off + n*a.cs
+	a.end = end
+	for c := off >> a.cb; c < end>>a.cb; c++ {
 		if err := a.adjust(uint64(c), 1); err != nil {
 			return 0, err
 		}

@@ -796,3 +796,24 @@ func TestResizeFaults(t *testing.T) {
 		}
 	}
 }
+
+// TestResizeL1MovesPastRefcountBlock grows an image so that the L1
+// table moves to the end of the file, where its clusters need a new
+// refcount block: the block goes right after them and must not be
+// counted as one of the table's clusters too (it was, and leaked).
+func TestResizeL1MovesPastRefcountBlock(t *testing.T) {
+	qemutest.Require(t, "qemu-img", "qemu-io")
+	p := filepath.Join(t.TempDir(), "r.qcow2")
+	qemutest.Create(t, p, "qcow2", "cluster_size=512", "24M")
+	qemutest.IO(t, p, "qcow2", "write -P 0x11 0 3M", "write -z 5M 1M", "write -P 0x22 9M 2M")
+	img := openRW(t, p)
+	if err := img.Resize(25 << 20); err != nil {
+		t.Fatal(err)
+	}
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if r := qemuCheck(t, p); r.Leaks != 0 {
+		t.Errorf("qemu-img check: %d leaked clusters", r.Leaks)
+	}
+}

@@ -10,7 +10,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"testing"
 
 	"github.com/imgloop/imgloop/disk"
@@ -692,16 +691,34 @@ func TestWriteFaults(t *testing.T) {
 // closes its image, qemu-img check must find it clean.
 func TestWriteConformance(t *testing.T) {
 	qemutest.Require(t, "qemu-img", "qemu-io")
+	big := func(opts string, snapshot bool) func(t *testing.T, dir string) string {
+		return func(t *testing.T, dir string) string {
+			p := filepath.Join(dir, "img.qcow2")
+			qemutest.Create(t, p, "qcow2", opts, "24M")
+			qemutest.IO(t, p, "qcow2", "write -P 0x11 0 3M", "write -z 5M 1M", "write -P 0x22 9M 2M")
+			if snapshot {
+				qemutest.Img(t, "snapshot", "-c", "s1", p)
+			}
+			return p
+		}
+	}
+	// The 512-byte-cluster shapes are large enough that the parallel
+	// cases grow L2 tables, refcount blocks and the refcount table.
+	parallel := disktest.Options{ParallelSize: 16 << 20}
 	shapes := []struct {
 		name  string
 		build func(t *testing.T, dir string) string
+		opts  disktest.Options
 	}{
+		{"cs512", big("cluster_size=512", false), parallel},
+		{"cs512-lazy", big("cluster_size=512,lazy_refcounts=on", false), parallel},
+		{"cs512-snapshot", big("cluster_size=512", true), parallel},
 		{"v3-4k", func(t *testing.T, dir string) string {
 			p := filepath.Join(dir, "img.qcow2")
 			qemutest.Create(t, p, "qcow2", "cluster_size=4k", "2M")
 			qemutest.IO(t, p, "qcow2", "write -P 0x11 0 100000", "write -z 200000 50000", "write -P 0x22 1000000 300000")
 			return p
-		}},
+		}, disktest.Options{}},
 		{"v2-64k-backing", func(t *testing.T, dir string) string {
 			base := filepath.Join(dir, "base.qcow2")
 			qemutest.Create(t, base, "qcow2", "compat=0.10", "2M")
@@ -710,7 +727,7 @@ func TestWriteConformance(t *testing.T) {
 			qemutest.Create(t, p, "qcow2", "compat=0.10", "2M", "-b", "base.qcow2", "-F", "qcow2")
 			qemutest.IO(t, p, "qcow2", "write -P 0x44 70000 10000")
 			return p
-		}},
+		}, disktest.Options{DiscardKeepsData: true, SlowZero: true}},
 		{"compressed", func(t *testing.T, dir string) string {
 			src := filepath.Join(dir, "src.raw")
 			if err := os.WriteFile(src, qemutest.Compressible(3, 256<<10), 0o644); err != nil {
@@ -719,12 +736,14 @@ func TestWriteConformance(t *testing.T) {
 			p := filepath.Join(dir, "z.qcow2")
 			qemutest.Img(t, "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=8k", src, p)
 			return p
-		}},
+		}, disktest.Options{}},
 	}
 	for _, shape := range shapes {
 		t.Run(shape.name, func(t *testing.T) {
 			t.Parallel()
 			model := qemutest.RawBytes(t, shape.build(t, t.TempDir()))
+			opts := shape.opts
+			opts.Model = model
 			disktest.Run(t, func(t *testing.T) disk.Image {
 				p := shape.build(t, t.TempDir())
 				img, err := disk.Open(p, disk.OpenOptions{Format: "qcow2"})
@@ -737,7 +756,7 @@ func TestWriteConformance(t *testing.T) {
 					}
 				})
 				return img
-			}, disktest.Options{Model: model, DiscardKeepsData: strings.Contains(shape.name, "v2") && strings.Contains(shape.name, "backing")})
+			}, opts)
 		})
 	}
 }

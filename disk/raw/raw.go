@@ -43,6 +43,9 @@ type Image struct {
 	probed   bool
 	block    int64 // the host file system's block size
 	closed   atomic.Bool
+	// noPunch and noZeroRange are set once the host file refused to
+	// punch a hole or zero a range (its file system cannot).
+	noPunch, noZeroRange atomic.Bool
 
 	// ops admits every call (shared); Close and Resize take it
 	// exclusively, so that they wait for the calls in flight.
@@ -136,8 +139,7 @@ func (img *Image) Capabilities() disk.Capabilities {
 	if img.readOnly {
 		return c
 	}
-	_, punch := img.f.(disk.HolePuncher)
-	_, zero := img.f.(disk.ZeroRanger)
+	punch, zero := img.canPunch(), img.canZeroRange()
 	_, syncs := img.f.(disk.SyncWriter)
 	c.Flush, c.Resize, c.FUA = true, true, syncs
 	c.Discard, c.Zero = punch, punch || zero
@@ -146,6 +148,30 @@ func (img *Image) Capabilities() disk.Capabilities {
 
 // SectorSize returns 512.
 func (img *Image) SectorSize() int { return sectorSize }
+
+// canPunch reports whether the host file punches holes, as far as is
+// known (see disk.RangeOpsReporter).
+func (img *Image) canPunch() bool {
+	if _, ok := img.f.(disk.HolePuncher); !ok || img.noPunch.Load() {
+		return false
+	}
+	if r, ok := img.f.(disk.RangeOpsReporter); ok {
+		return r.CanPunchHole()
+	}
+	return true
+}
+
+// canZeroRange reports whether the host file zeroes ranges, as far as
+// is known.
+func (img *Image) canZeroRange() bool {
+	if _, ok := img.f.(disk.ZeroRanger); !ok || img.noZeroRange.Load() {
+		return false
+	}
+	if r, ok := img.f.(disk.RangeOpsReporter); ok {
+		return r.CanZeroRange()
+	}
+	return true
+}
 
 // Info describes the image for `imgloop info`.
 func (img *Image) Info() disk.Info {

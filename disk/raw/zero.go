@@ -30,7 +30,7 @@ func (img *Image) Discard(off, n int64) error {
 		return err
 	}
 	hp, ok := img.f.(disk.HolePuncher)
-	if !ok {
+	if !ok || !img.canPunch() {
 		return fmt.Errorf("raw: discard on %s: %w", img.f.Name(), disk.ErrNotSupported)
 	}
 	end := off + n
@@ -49,6 +49,7 @@ func (img *Image) Discard(off, n int64) error {
 	defer unlock()
 	if err := hp.PunchHole(a, b-a); err != nil {
 		if errors.Is(err, errors.ErrUnsupported) {
+			img.noPunch.Store(true)
 			return fmt.Errorf("raw: discard on %s: %w: %w", img.f.Name(), disk.ErrNotSupported, err)
 		}
 		return img.hostErr("discard", a, err)
@@ -91,7 +92,7 @@ func (img *Image) WriteZeroes(off, n int64, flags disk.ZeroFlags) error {
 
 // zero implements WriteZeroes.
 func (img *Image) zero(off, n int64, flags disk.ZeroFlags) error {
-	if hp, ok := img.f.(disk.HolePuncher); ok && flags&disk.ZeroNoUnmap == 0 {
+	if hp, ok := img.f.(disk.HolePuncher); ok && flags&disk.ZeroNoUnmap == 0 && img.canPunch() {
 		err := hp.PunchHole(off, n)
 		if err == nil {
 			return nil
@@ -99,8 +100,9 @@ func (img *Image) zero(off, n int64, flags disk.ZeroFlags) error {
 		if !errors.Is(err, errors.ErrUnsupported) {
 			return img.hostErr("write zeroes", off, err)
 		}
+		img.noPunch.Store(true)
 	}
-	if zr, ok := img.f.(disk.ZeroRanger); ok {
+	if zr, ok := img.f.(disk.ZeroRanger); ok && img.canZeroRange() {
 		err := zr.ZeroRange(off, n)
 		if err == nil {
 			return nil
@@ -108,6 +110,7 @@ func (img *Image) zero(off, n int64, flags disk.ZeroFlags) error {
 		if !errors.Is(err, errors.ErrUnsupported) {
 			return img.hostErr("write zeroes", off, err)
 		}
+		img.noZeroRange.Store(true)
 	}
 	if flags&disk.ZeroFast != 0 {
 		return fmt.Errorf("raw: write zeroes on %s: %w", img.f.Name(), disk.ErrSlowZero)
