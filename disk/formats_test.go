@@ -6,7 +6,7 @@ import (
 	"testing"
 
 	"github.com/imgloop/imgloop/disk"
-	"github.com/imgloop/imgloop/disk/hostfile"
+	"github.com/imgloop/imgloop/disk/hostfile/hostfiletest"
 	"github.com/imgloop/imgloop/internal/imagetest"
 )
 
@@ -83,7 +83,7 @@ func TestProbeKnownFormats(t *testing.T) {
 			if name == "" {
 				name = "img"
 			}
-			d, err := disk.Probe(hostfile.NewMemFile(name, c.content))
+			d, err := disk.Probe(hostfiletest.NewMemFile(name, c.content))
 			got := ""
 			var ufe *disk.UnsupportedFormatError
 			switch {
@@ -122,11 +122,11 @@ func TestProbeKnownFormats(t *testing.T) {
 // TestProbeKnownFormatMessage checks the refusal users see.
 func TestProbeKnownFormatMessage(t *testing.T) {
 	register(t, &fakeDriver{name: "raw", magic: "", score: 1})
-	_, err := disk.Probe(hostfile.NewMemFile("disk.vhd", head(0, "conectix")))
+	_, err := disk.Probe(hostfiletest.NewMemFile("disk.vhd", head(0, "conectix")))
 	if want := "disk.vhd: VHD (vpc) image: not supported yet; use -f raw to read its bytes"; err == nil || err.Error() != want {
 		t.Fatalf("Probe = %v, want %q", err, want)
 	}
-	_, err = disk.Probe(hostfile.NewMemFile("old.img", head(0, "QFI\xfb", 4, be32(1))))
+	_, err = disk.Probe(hostfiletest.NewMemFile("old.img", head(0, "QFI\xfb", 4, be32(1))))
 	if want := "old.img: qcow version 1 (qcow) image: not supported yet; use -f raw to read its bytes"; err == nil || err.Error() != want {
 		t.Fatalf("Probe = %v, want %q", err, want)
 	}
@@ -142,15 +142,15 @@ func TestProbeKnownFormatMessage(t *testing.T) {
 func TestProbeDriverTakesOverKnownFormat(t *testing.T) {
 	register(t, &fakeDriver{name: "raw", magic: "", score: 1})
 	vhd := head(0, "conectix")
-	if _, err := disk.Probe(hostfile.NewMemFile("a.vhd", vhd)); !errors.Is(err, disk.ErrNotSupported) {
+	if _, err := disk.Probe(hostfiletest.NewMemFile("a.vhd", vhd)); !errors.Is(err, disk.ErrNotSupported) {
 		t.Fatalf("without a vpc driver: %v", err)
 	}
 	register(t, &fakeDriver{name: "vpc", magic: "conectix", score: 100})
-	if d, err := disk.Probe(hostfile.NewMemFile("a.vhd", vhd)); err != nil || d.Name() != "vpc" {
+	if d, err := disk.Probe(hostfiletest.NewMemFile("a.vhd", vhd)); err != nil || d.Name() != "vpc" {
 		t.Fatalf("with a vpc driver: %v, %v", d, err)
 	}
 	register(t, &fakeDriver{name: "fake-vhdx", magic: "vhdxfile", score: 100})
-	if d, err := disk.Probe(hostfile.NewMemFile("a.vhdx", head(0, "vhdxfile"))); err != nil || d.Name() != "fake-vhdx" {
+	if d, err := disk.Probe(hostfiletest.NewMemFile("a.vhdx", head(0, "vhdxfile"))); err != nil || d.Name() != "fake-vhdx" {
 		t.Fatalf("a driver scoring as high as a format without one: %v, %v", d, err)
 	}
 }
@@ -176,7 +176,7 @@ func TestProbeSample(t *testing.T) {
 	for i := range content {
 		content[i] = byte(i)
 	}
-	if _, err := disk.Probe(hostfile.NewMemFile("s.img", content)); err != nil {
+	if _, err := disk.Probe(hostfiletest.NewMemFile("s.img", content)); err != nil {
 		t.Fatal(err)
 	}
 	s := d.got
@@ -184,7 +184,7 @@ func TestProbeSample(t *testing.T) {
 		s.Head[511] != byte(511%256) || s.Tail[0] != byte((3000-512)%256) || s.Tail[511] != byte(2999%256) {
 		t.Fatalf("sample %+v", s)
 	}
-	if _, err := disk.Probe(hostfile.NewMemFile("short", []byte("abc"))); err != nil {
+	if _, err := disk.Probe(hostfiletest.NewMemFile("short", []byte("abc"))); err != nil {
 		t.Fatal(err)
 	}
 	if s := d.got; string(s.Tail) != "abc" || len(s.Head) != disk.ProbeSize || string(s.Head[:4]) != "abc\x00" {

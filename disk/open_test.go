@@ -10,7 +10,7 @@ import (
 	"testing"
 
 	"github.com/imgloop/imgloop/disk"
-	"github.com/imgloop/imgloop/disk/hostfile"
+	"github.com/imgloop/imgloop/disk/hostfile/hostfiletest"
 )
 
 // fileImage is a minimal disk.Image over its host file, for fake drivers.
@@ -181,7 +181,7 @@ func TestOpenChainChecks(t *testing.T) {
 
 func TestOpenFileLeavesFileToCaller(t *testing.T) {
 	register(t, &fakeDriver{name: "fake-of", magic: "OF", score: 100})
-	mem := hostfile.NewMemFile("m", []byte("OF"))
+	mem := hostfiletest.NewMemFile("m", []byte("OF"))
 	if _, err := disk.OpenFile(mem, disk.OpenOptions{}); !errors.Is(err, disk.ErrFormat) {
 		t.Fatalf("OpenFile = %v, want the driver's format error", err)
 	}
@@ -189,8 +189,8 @@ func TestOpenFileLeavesFileToCaller(t *testing.T) {
 		t.Fatalf("OpenFile closed the caller's file on error: %v", err)
 	}
 	// A host file that cannot be read: the error says so.
-	f := hostfile.NewFaulty(mem)
-	f.FailAfter(hostfile.OpRead, 0, io.ErrClosedPipe)
+	f := hostfiletest.NewFaulty(mem)
+	f.FailAfter(hostfiletest.OpRead, 0, io.ErrClosedPipe)
 	if _, err := disk.OpenFile(f, disk.OpenOptions{}); !errors.Is(err, io.ErrClosedPipe) {
 		t.Fatalf("OpenFile on an unreadable file = %v", err)
 	}

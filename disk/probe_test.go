@@ -7,7 +7,7 @@ import (
 	"testing"
 
 	"github.com/imgloop/imgloop/disk"
-	"github.com/imgloop/imgloop/disk/hostfile"
+	"github.com/imgloop/imgloop/disk/hostfile/hostfiletest"
 )
 
 // padDriver claims a head that is exactly magic followed by zeros up to
@@ -44,15 +44,15 @@ func TestProbe(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			d, err := disk.Probe(hostfile.NewMemFile("img", c.content))
+			d, err := disk.Probe(hostfiletest.NewMemFile("img", c.content))
 			if err != nil || d.Name() != c.want {
 				t.Fatalf("Probe = %v, %v; want %s", d, err, c.want)
 			}
 		})
 	}
 	t.Run("read error", func(t *testing.T) {
-		f := hostfile.NewFaulty(hostfile.NewMemFile("img", long))
-		f.FailAfter(hostfile.OpRead, 0, io.ErrClosedPipe)
+		f := hostfiletest.NewFaulty(hostfiletest.NewMemFile("img", long))
+		f.FailAfter(hostfiletest.OpRead, 0, io.ErrClosedPipe)
 		if _, err := disk.Probe(f); !errors.Is(err, io.ErrClosedPipe) {
 			t.Fatalf("Probe on an unreadable file = %v, want its read error", err)
 		}

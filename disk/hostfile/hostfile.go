@@ -1,6 +1,6 @@
 // Package hostfile is the file layer under imgloop's format drivers: the
-// OS file, plus (in memfile.go and faulty.go) test doubles that drop
-// unsynced writes on a simulated crash or fail a chosen operation.
+// OS file and its locks. Test doubles (a crashable in-memory file, a
+// wrapper that fails a chosen operation) are in package hostfiletest.
 //
 // Every type here satisfies disk.File (and, where the operation exists,
 // disk.HolePuncher and disk.DataSeeker); this package does not import disk,

@@ -21,6 +21,7 @@ import (
 
 	"github.com/imgloop/imgloop/disk"
 	"github.com/imgloop/imgloop/disk/hostfile"
+	"github.com/imgloop/imgloop/disk/hostfile/hostfiletest"
 	"github.com/imgloop/imgloop/disk/qcow2"
 	"github.com/imgloop/imgloop/internal/qemutest"
 )
@@ -448,8 +449,8 @@ func TestCheckRepairKilledWriter(t *testing.T) {
 // images a power cut would leave then: the durable content, and the
 // durable content with every other unsynced operation applied.
 type crashFile struct {
-	*hostfile.MemFile
-	crashes []*hostfile.MemFile
+	*hostfiletest.MemFile
+	crashes []*hostfiletest.MemFile
 }
 
 func (c *crashFile) snap() {
@@ -504,7 +505,7 @@ func TestCheckRepairCrash(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			f := &crashFile{MemFile: hostfile.NewMemFile(p, data)}
+			f := &crashFile{MemFile: hostfiletest.NewMemFile(p, data)}
 			r, err := qcow2.Check(f, qcow2.CheckOptions{Repair: qcow2.RepairAll})
 			if err != nil || r.ExitCode() != tc.all {
 				t.Fatalf("repair: %v, exit %d (%q)", err, r.ExitCode(), r.Messages)
@@ -524,7 +525,7 @@ func TestCheckRepairCrash(t *testing.T) {
 
 // readGuest reads the whole guest disk of the image in m with our reader
 // and compares it with want.
-func readGuest(t *testing.T, m *hostfile.MemFile, want []byte, crash int) {
+func readGuest(t *testing.T, m *hostfiletest.MemFile, want []byte, crash int) {
 	t.Helper()
 	img, err := qcow2.Open(m, disk.OpenOptions{ReadOnly: true})
 	if err != nil {

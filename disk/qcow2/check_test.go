@@ -18,6 +18,7 @@ import (
 
 	"github.com/imgloop/imgloop/disk"
 	"github.com/imgloop/imgloop/disk/hostfile"
+	"github.com/imgloop/imgloop/disk/hostfile/hostfiletest"
 	"github.com/imgloop/imgloop/disk/qcow2"
 	"github.com/imgloop/imgloop/internal/qemutest"
 )
@@ -726,7 +727,7 @@ func FuzzCheck(f *testing.F) {
 			return
 		}
 		for _, mode := range []qcow2.RepairMode{qcow2.RepairNone, qcow2.RepairLeaks, qcow2.RepairAll} {
-			file := hostfile.NewMemFile("fuzz.qcow2", data)
+			file := hostfiletest.NewMemFile("fuzz.qcow2", data)
 			r, err := qcow2.Check(file, qcow2.CheckOptions{Repair: mode, MaxMemory: 64 << 20})
 			if err != nil {
 				return

@@ -11,6 +11,7 @@ import (
 
 	"github.com/imgloop/imgloop/disk"
 	"github.com/imgloop/imgloop/disk/hostfile"
+	"github.com/imgloop/imgloop/disk/hostfile/hostfiletest"
 	"github.com/imgloop/imgloop/internal/qemutest"
 )
 
@@ -156,7 +157,7 @@ func TestReadTruncated(t *testing.T) {
 	buf := make([]byte, 256<<10)
 	for n := 0; n < len(data); n += 512 {
 		for _, cut := range []int{n, n + 7} {
-			f := hostfile.NewMemFile("img.qcow2", data[:min(cut, len(data))])
+			f := hostfiletest.NewMemFile("img.qcow2", data[:min(cut, len(data))])
 			img, err := Open(f, disk.OpenOptions{ReadOnly: true})
 			if err != nil {
 				if !errors.Is(err, disk.ErrFormat) && !errors.Is(err, disk.ErrNotSupported) {
@@ -285,7 +286,7 @@ func FuzzImage(f *testing.F) {
 		add(p)
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
-		img, err := Open(hostfile.NewMemFile("fuzz.qcow2", data), disk.OpenOptions{ReadOnly: true, CacheSize: 64 << 10})
+		img, err := Open(hostfiletest.NewMemFile("fuzz.qcow2", data), disk.OpenOptions{ReadOnly: true, CacheSize: 64 << 10})
 		if err != nil {
 			return
 		}

@@ -10,7 +10,7 @@ import (
 	"os"
 	"sync"
 
-	"github.com/imgloop/imgloop/disk/hostfile"
+	"github.com/imgloop/imgloop/disk/hostfile/hostfiletest"
 )
 
 // crashBuf is a plain in-memory disk.File (no crash model): the cheap
@@ -44,7 +44,7 @@ func (c *crashBuf) WriteAt(p []byte, off int64) (int, error) {
 	if c.closed {
 		return 0, os.ErrClosed
 	}
-	if off < 0 || off+int64(len(p)) > hostfile.MemMaxSize {
+	if off < 0 || off+int64(len(p)) > hostfiletest.MemMaxSize {
 		return 0, errors.New("crashBuf: bad offset")
 	}
 	if end := off + int64(len(p)); end > int64(len(c.b)) {
@@ -64,7 +64,7 @@ func (c *crashBuf) Sync() error { return nil }
 func (c *crashBuf) Truncate(size int64) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if size < 0 || size > hostfile.MemMaxSize {
+	if size < 0 || size > hostfiletest.MemMaxSize {
 		return errors.New("crashBuf: bad size")
 	}
 	if size <= int64(len(c.b)) {
@@ -86,14 +86,14 @@ func (c *crashBuf) Name() string { return c.name }
 
 // crashHostOp is one mutating host file operation.
 type crashHostOp struct {
-	kind   hostfile.Op // OpWrite, OpSync, OpTruncate, OpPunchHole, OpZeroRange
+	kind   hostfiletest.Op // OpWrite, OpSync, OpTruncate, OpPunchHole, OpZeroRange
 	off, n int64
 	data   []byte
 }
 
 // crashRecorder wraps a MemFile and logs its mutating operations.
 type crashRecorder struct {
-	*hostfile.MemFile
+	*hostfiletest.MemFile
 	mu  sync.Mutex
 	ops []crashHostOp
 }
@@ -114,7 +114,7 @@ func (c *crashRecorder) count() int {
 func (c *crashRecorder) WriteAt(p []byte, off int64) (int, error) {
 	n, err := c.MemFile.WriteAt(p, off)
 	if err == nil {
-		c.log(crashHostOp{kind: hostfile.OpWrite, off: off, data: append([]byte(nil), p...)})
+		c.log(crashHostOp{kind: hostfiletest.OpWrite, off: off, data: append([]byte(nil), p...)})
 	}
 	return n, err
 }
@@ -122,7 +122,7 @@ func (c *crashRecorder) WriteAt(p []byte, off int64) (int, error) {
 func (c *crashRecorder) Sync() error {
 	err := c.MemFile.Sync()
 	if err == nil {
-		c.log(crashHostOp{kind: hostfile.OpSync})
+		c.log(crashHostOp{kind: hostfiletest.OpSync})
 	}
 	return err
 }
@@ -130,7 +130,7 @@ func (c *crashRecorder) Sync() error {
 func (c *crashRecorder) Truncate(size int64) error {
 	err := c.MemFile.Truncate(size)
 	if err == nil {
-		c.log(crashHostOp{kind: hostfile.OpTruncate, n: size})
+		c.log(crashHostOp{kind: hostfiletest.OpTruncate, n: size})
 	}
 	return err
 }
@@ -138,7 +138,7 @@ func (c *crashRecorder) Truncate(size int64) error {
 func (c *crashRecorder) PunchHole(off, n int64) error {
 	err := c.MemFile.PunchHole(off, n)
 	if err == nil {
-		c.log(crashHostOp{kind: hostfile.OpPunchHole, off: off, n: n})
+		c.log(crashHostOp{kind: hostfiletest.OpPunchHole, off: off, n: n})
 	}
 	return err
 }
@@ -146,24 +146,24 @@ func (c *crashRecorder) PunchHole(off, n int64) error {
 func (c *crashRecorder) ZeroRange(off, n int64) error {
 	err := c.MemFile.ZeroRange(off, n)
 	if err == nil {
-		c.log(crashHostOp{kind: hostfile.OpZeroRange, off: off, n: n})
+		c.log(crashHostOp{kind: hostfiletest.OpZeroRange, off: off, n: n})
 	}
 	return err
 }
 
 // replay applies op to m.
-func (op *crashHostOp) replay(m *hostfile.MemFile) error {
+func (op *crashHostOp) replay(m *hostfiletest.MemFile) error {
 	switch op.kind {
-	case hostfile.OpWrite:
+	case hostfiletest.OpWrite:
 		_, err := m.WriteAt(op.data, op.off)
 		return err
-	case hostfile.OpSync:
+	case hostfiletest.OpSync:
 		return m.Sync()
-	case hostfile.OpTruncate:
+	case hostfiletest.OpTruncate:
 		return m.Truncate(op.n)
-	case hostfile.OpPunchHole:
+	case hostfiletest.OpPunchHole:
 		return m.PunchHole(op.off, op.n)
-	case hostfile.OpZeroRange:
+	case hostfiletest.OpZeroRange:
 		return m.ZeroRange(op.off, op.n)
 	}
 	return fmt.Errorf("unknown op %v", op.kind)

@@ -5,7 +5,7 @@ package qcow2_test
 // A seeded workload (allocating writes, partial and unaligned writes,
 // overwrites, write-zeroes with and without disk.ZeroNoUnmap, discards,
 // flushes) runs once on a qcow2 image made by qemu-img and loaded into a
-// hostfile.MemFile, through a recording wrapper that logs every mutating
+// hostfiletest.MemFile, through a recording wrapper that logs every mutating
 // host operation (write, sync, truncate, punch, zero range). Then:
 //
 //   - TestCrashSweep replays the log into a fresh MemFile and, before
@@ -19,7 +19,7 @@ package qcow2_test
 //     (leaks are allowed) before and after the reopen, and nothing at all
 //     after a RepairLeaks. A sample is also checked with `qemu-img check`.
 //
-//   - TestCrashFaultSweep runs the workload again on a hostfile.Faulty
+//   - TestCrashFaultSweep runs the workload again on a hostfiletest.Faulty
 //     that fails the i-th host write or sync (only that one, or every one
 //     from it on, like a dead disk): the call that hit the fault must
 //     return an error, later calls may work or fail, nothing may panic,
@@ -58,7 +58,7 @@ import (
 	"testing"
 
 	"github.com/imgloop/imgloop/disk"
-	"github.com/imgloop/imgloop/disk/hostfile"
+	"github.com/imgloop/imgloop/disk/hostfile/hostfiletest"
 	"github.com/imgloop/imgloop/disk/qcow2"
 )
 
@@ -84,7 +84,7 @@ func TestCrashSweep(t *testing.T) {
 			t.Logf("seed %d: %d steps, %d host operations, %d crash points", seed, len(steps), len(cr.ops), len(points))
 			v := &crashVerifier{t: t, ci: ci, r: r, qemuEvery: max(1, len(points)/6), dir: t.TempDir()}
 
-			replay := hostfile.NewMemFile(ci.path, ci.initial)
+			replay := hostfiletest.NewMemFile(ci.path, ci.initial)
 			model := newCrashModel(ci)
 			applied := 0 // steps applied to model (all before the last flush)
 			failures := 0
@@ -111,7 +111,7 @@ func TestCrashSweep(t *testing.T) {
 						}
 					}
 					pending := replay.Pending()
-					var crashed *hostfile.MemFile
+					var crashed *hostfiletest.MemFile
 					mode := "drop all unsynced"
 					switch {
 					case pending > 0 && pi%3 == 1:
@@ -157,9 +157,9 @@ func TestCrashFaultSweep(t *testing.T) {
 			var nw, ns int
 			for _, op := range cr.ops {
 				switch op.kind {
-				case hostfile.OpWrite:
+				case hostfiletest.OpWrite:
 					nw++
-				case hostfile.OpSync:
+				case hostfiletest.OpSync:
 					ns++
 				}
 			}
@@ -170,16 +170,16 @@ func TestCrashFaultSweep(t *testing.T) {
 			budget := crashEnvInt(t, "IMGLOOP_CRASH_POINTS", def)
 			r := rand.New(rand.NewPCG(seed, 78))
 			type fault struct {
-				op     hostfile.Op
+				op     hostfiletest.Op
 				i      int
 				sticky bool
 			}
 			var faults []fault
 			for k, i := range crashPoints(r, nw, budget*2/3) {
-				faults = append(faults, fault{hostfile.OpWrite, i, k%3 == 2})
+				faults = append(faults, fault{hostfiletest.OpWrite, i, k%3 == 2})
 			}
 			for k, i := range crashPoints(r, ns, budget-budget*2/3) {
-				faults = append(faults, fault{hostfile.OpSync, i, k%3 == 2})
+				faults = append(faults, fault{hostfiletest.OpSync, i, k%3 == 2})
 			}
 			if only := os.Getenv("IMGLOOP_CRASH_FAULT"); only != "" {
 				// One fault: write:I, sync:I, with ":sticky" to fail
@@ -190,9 +190,9 @@ func TestCrashFaultSweep(t *testing.T) {
 				if _, err := fmt.Sscanf(strings.ReplaceAll(only, ":", " "), "%s %d", &kind, &i); err != nil || (kind != "write" && kind != "sync") {
 					t.Fatalf("IMGLOOP_CRASH_FAULT=%q: want write:N or sync:N[:sticky]", only)
 				}
-				fl.op, fl.i, fl.sticky = hostfile.OpWrite, i, strings.HasSuffix(only, ":sticky")
+				fl.op, fl.i, fl.sticky = hostfiletest.OpWrite, i, strings.HasSuffix(only, ":sticky")
 				if kind == "sync" {
-					fl.op = hostfile.OpSync
+					fl.op = hostfiletest.OpSync
 				}
 				faults = []fault{fl, fl}
 			}
@@ -226,10 +226,10 @@ func TestCrashFaultSweep(t *testing.T) {
 // failing (and every later one when sticky), closes the image, and checks
 // what is left: the bytes as the process left them, or, when powerCut,
 // as a crash right after the close would.
-func runFaultPoint(t *testing.T, v *crashVerifier, ci *crashImage, steps []crashStep, label string, op hostfile.Op, i int, sticky, powerCut bool) bool {
+func runFaultPoint(t *testing.T, v *crashVerifier, ci *crashImage, steps []crashStep, label string, op hostfiletest.Op, i int, sticky, powerCut bool) bool {
 	t.Helper()
-	mem := hostfile.NewMemFile(ci.path, ci.initial)
-	fy := hostfile.NewFaulty(mem)
+	mem := hostfiletest.NewMemFile(ci.path, ci.initial)
+	fy := hostfiletest.NewFaulty(mem)
 	if sticky {
 		fy.FailAfter(op, int64(i), nil)
 	} else {
@@ -316,8 +316,8 @@ func runFaultPoint(t *testing.T, v *crashVerifier, ci *crashImage, steps []crash
 func TestCrashCloseAfterFault(t *testing.T) {
 	ci := makeCrashImage(t, crashShape{name: "close-fault", opts: "compat=1.1,cluster_size=65536", size: 64 << 20})
 	for _, sticky := range []bool{false, true} {
-		mem := hostfile.NewMemFile(ci.path, ci.initial)
-		fy := hostfile.NewFaulty(mem)
+		mem := hostfiletest.NewMemFile(ci.path, ci.initial)
+		fy := hostfiletest.NewFaulty(mem)
 		img, err := qcow2.Open(fy, disk.OpenOptions{})
 		if err != nil {
 			t.Fatal(err)
@@ -326,11 +326,11 @@ func TestCrashCloseAfterFault(t *testing.T) {
 		if _, err := img.WriteAt(a, 0); err != nil {
 			t.Fatal(err)
 		}
-		n := fy.Count(hostfile.OpWrite)
+		n := fy.Count(hostfiletest.OpWrite)
 		if sticky {
-			fy.FailAfter(hostfile.OpWrite, n, nil)
+			fy.FailAfter(hostfiletest.OpWrite, n, nil)
 		} else {
-			fy.FailNth(hostfile.OpWrite, n, nil)
+			fy.FailNth(hostfiletest.OpWrite, n, nil)
 		}
 		_, werr := img.WriteAt(a, 32<<20)
 		cerr := img.Close()
@@ -360,7 +360,7 @@ func TestCrashCloseAfterFault(t *testing.T) {
 // must not hand that cluster out with its refcount raised to 2.
 func TestCrashLeakPastEOF(t *testing.T) {
 	ci := makeCrashImage(t, crashShape{name: "leak-eof", opts: "compat=1.1,cluster_size=65536", size: 64 << 20})
-	rec := &crashRecorder{MemFile: hostfile.NewMemFile(ci.path, ci.initial)}
+	rec := &crashRecorder{MemFile: hostfiletest.NewMemFile(ci.path, ci.initial)}
 	img, err := qcow2.Open(rec, disk.OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -384,21 +384,21 @@ func TestCrashLeakPastEOF(t *testing.T) {
 	img.Close()
 	// Replay up to the first sync of the second Flush, keeping of its
 	// unsynced writes only those inside the old end of the file.
-	replay := hostfile.NewMemFile(ci.path, ci.initial)
+	replay := hostfiletest.NewMemFile(ci.path, ci.initial)
 	for i := 0; i < before; i++ {
 		if err := ops[i].replay(replay); err != nil {
 			t.Fatal(err)
 		}
 	}
 	i := before
-	for ; i < len(ops) && ops[i].kind != hostfile.OpSync; i++ {
+	for ; i < len(ops) && ops[i].kind != hostfiletest.OpSync; i++ {
 		if err := ops[i].replay(replay); err != nil {
 			t.Fatal(err)
 		}
 	}
 	var pend []crashHostOp
 	for j := 0; j < before; j++ {
-		if ops[j].kind == hostfile.OpSync {
+		if ops[j].kind == hostfiletest.OpSync {
 			pend = nil
 		} else {
 			pend = append(pend, ops[j])
@@ -410,7 +410,7 @@ func TestCrashLeakPastEOF(t *testing.T) {
 	}
 	crashed := replay.CrashKeeping(func(k int) bool {
 		op := pend[k]
-		return op.kind == hostfile.OpWrite && op.off+int64(len(op.data)) <= eof
+		return op.kind == hostfiletest.OpWrite && op.off+int64(len(op.data)) <= eof
 	})
 	b := crashed.Bytes()
 	res, err := qcow2.Check(&crashBuf{name: ci.path, b: b}, qcow2.CheckOptions{})

@@ -17,7 +17,7 @@ import (
 	"testing"
 
 	"github.com/imgloop/imgloop/disk"
-	"github.com/imgloop/imgloop/disk/hostfile"
+	"github.com/imgloop/imgloop/disk/hostfile/hostfiletest"
 	"github.com/imgloop/imgloop/disk/qcow2"
 	"github.com/imgloop/imgloop/internal/qemutest"
 )
@@ -128,7 +128,7 @@ type crashRecording struct {
 // a crashRecorder. Every step must succeed.
 func recordCrashWorkload(t *testing.T, ci *crashImage, steps []crashStep) *crashRecording {
 	t.Helper()
-	rec := &crashRecorder{MemFile: hostfile.NewMemFile(ci.path, ci.initial)}
+	rec := &crashRecorder{MemFile: hostfiletest.NewMemFile(ci.path, ci.initial)}
 	img, err := qcow2.Open(rec, disk.OpenOptions{})
 	if err != nil {
 		t.Fatalf("open: %v", err)

@@ -6,7 +6,7 @@ import (
 	"testing"
 
 	"github.com/imgloop/imgloop/disk"
-	"github.com/imgloop/imgloop/disk/hostfile"
+	"github.com/imgloop/imgloop/disk/hostfile/hostfiletest"
 	"github.com/imgloop/imgloop/internal/qemutest"
 )
 
@@ -43,7 +43,7 @@ func FuzzWrite(f *testing.F) {
 	}
 	f.Add(data, uint64(4096), uint16(9000))
 	f.Fuzz(func(t *testing.T, data []byte, off uint64, n uint16) {
-		mem := hostfile.NewMemFile("fuzz.qcow2", data)
+		mem := hostfiletest.NewMemFile("fuzz.qcow2", data)
 		img, err := Open(mem, disk.OpenOptions{CacheSize: 64 << 10})
 		if err != nil {
 			return

@@ -23,7 +23,7 @@ import (
 	"github.com/klauspost/compress/zstd"
 
 	"github.com/imgloop/imgloop/disk"
-	"github.com/imgloop/imgloop/disk/hostfile"
+	"github.com/imgloop/imgloop/disk/hostfile/hostfiletest"
 	"github.com/imgloop/imgloop/internal/imagetest"
 	"github.com/imgloop/imgloop/internal/qemutest"
 )
@@ -811,7 +811,7 @@ func TestHostileTruncatedHeader(t *testing.T) {
 		}
 		within(t, "truncated opens", func() {
 			for n := 0; n <= 512 && n < len(full); n++ {
-				f := hostfile.NewMemFile(p, full[:n])
+				f := hostfiletest.NewMemFile(p, full[:n])
 				img, err := disk.OpenFile(f, disk.OpenOptions{Format: "qcow2", ReadOnly: true})
 				if err == nil {
 					img.Close()
@@ -842,7 +842,7 @@ func TestHostileTruncatedFile(t *testing.T) {
 		within(t, "truncated reads", func() {
 			buf := make([]byte, 64<<10)
 			for n := 0; n < len(full); n += 512 {
-				f := hostfile.NewMemFile(p, full[:n])
+				f := hostfiletest.NewMemFile(p, full[:n])
 				img, err := disk.OpenFile(f, disk.OpenOptions{Format: "qcow2", ReadOnly: true})
 				if err != nil {
 					f.Close()

@@ -8,6 +8,7 @@ import (
 
 	"github.com/imgloop/imgloop/disk"
 	"github.com/imgloop/imgloop/disk/hostfile"
+	"github.com/imgloop/imgloop/disk/hostfile/hostfiletest"
 	_ "github.com/imgloop/imgloop/disk/raw"
 )
 
@@ -165,13 +166,13 @@ func TestLockOpenFile(t *testing.T) {
 	other.Close()
 
 	// In-memory files are not locked.
-	mem := hostfile.NewMemFile("mem.raw", make([]byte, 4096))
+	mem := hostfiletest.NewMemFile("mem.raw", make([]byte, 4096))
 	m1, err := disk.OpenFile(mem, disk.OpenOptions{Format: "raw"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer m1.Close()
-	mem2 := hostfile.NewMemFile("mem.raw", make([]byte, 4096))
+	mem2 := hostfiletest.NewMemFile("mem.raw", make([]byte, 4096))
 	m2, err := disk.OpenFile(mem2, disk.OpenOptions{Format: "raw"})
 	if err != nil {
 		t.Fatal(err)

@@ -8,6 +8,7 @@ import (
 
 	"github.com/imgloop/imgloop/disk"
 	"github.com/imgloop/imgloop/disk/hostfile"
+	"github.com/imgloop/imgloop/disk/hostfile/hostfiletest"
 	"github.com/imgloop/imgloop/internal/qemutest"
 )
 
@@ -58,7 +59,7 @@ func memTable(entries []uint64, fileSize int, fill func(b []byte)) *refcountTabl
 	}
 }
 
-func hostfileMem(b []byte) disk.File { return hostfile.NewMemFile("mem", b) }
+func hostfileMem(b []byte) disk.File { return hostfiletest.NewMemFile("mem", b) }
 
 func TestRefcountLookup(t *testing.T) {
 	fill := func(b []byte) {

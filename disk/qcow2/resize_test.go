@@ -14,6 +14,7 @@ import (
 
 	"github.com/imgloop/imgloop/disk"
 	"github.com/imgloop/imgloop/disk/hostfile"
+	"github.com/imgloop/imgloop/disk/hostfile/hostfiletest"
 	"github.com/imgloop/imgloop/internal/qemutest"
 )
 
@@ -509,7 +510,7 @@ func TestResizeCrash(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			mf := hostfile.NewMemFile(path, content)
+			mf := hostfiletest.NewMemFile(path, content)
 			cf := &resizeCrashFile{MemFile: mf}
 			img, err := Open(cf, disk.OpenOptions{})
 			if err != nil {
@@ -566,7 +567,7 @@ func TestResizeCrash(t *testing.T) {
 // (none, all, or every other write since the last sync kept) before
 // syncing.
 type resizeCrashFile struct {
-	*hostfile.MemFile
+	*hostfiletest.MemFile
 	states [][]byte
 }
 
@@ -732,7 +733,7 @@ func resizeRandom(t *testing.T, cs int64, opts string, seed uint64, steps int) {
 // of corruption with the old or the new size.
 func TestResizeFaults(t *testing.T) {
 	qemutest.Require(t, "qemu-img", "qemu-io")
-	for _, op := range []hostfile.Op{hostfile.OpWrite, hostfile.OpSync} {
+	for _, op := range []hostfiletest.Op{hostfiletest.OpWrite, hostfiletest.OpSync} {
 		for _, c := range []struct {
 			name, opts    string
 			size, newSize int64
@@ -753,7 +754,7 @@ func TestResizeFaults(t *testing.T) {
 					if err != nil {
 						t.Fatal(err)
 					}
-					ff := hostfile.NewFaulty(of)
+					ff := hostfiletest.NewFaulty(of)
 					img, err := Open(ff, disk.OpenOptions{})
 					if err != nil {
 						t.Fatal(err)
@@ -768,13 +769,13 @@ func TestResizeFaults(t *testing.T) {
 						}
 						return
 					}
-					if !errors.Is(rerr, hostfile.ErrInjected) {
+					if !errors.Is(rerr, hostfiletest.ErrInjected) {
 						t.Fatalf("fault at %s #%d: Resize = %v, want the injected error", op, i, rerr)
 					}
 					// A failed write leaves the file in doubt: the write side
 					// stops. (A failed sync of a flush with nothing to write
 					// does not stop it.)
-					if _, err := img.WriteAt(make([]byte, 512), 0); err == nil && op == hostfile.OpWrite {
+					if _, err := img.WriteAt(make([]byte, 512), 0); err == nil && op == hostfiletest.OpWrite {
 						t.Errorf("fault at %s #%d: a write after the failed Resize succeeded (Resize: %v)", op, i, rerr)
 					}
 					img.Close()

@@ -15,6 +15,7 @@ import (
 	"github.com/imgloop/imgloop/disk"
 	"github.com/imgloop/imgloop/disk/disktest"
 	"github.com/imgloop/imgloop/disk/hostfile"
+	"github.com/imgloop/imgloop/disk/hostfile/hostfiletest"
 	"github.com/imgloop/imgloop/internal/qemutest"
 )
 
@@ -238,7 +239,7 @@ func TestWriteZeroClusters(t *testing.T) {
 
 // syncHookFile is a MemFile that calls onSync before each Sync.
 type syncHookFile struct {
-	*hostfile.MemFile
+	*hostfiletest.MemFile
 	onSync func()
 }
 
@@ -281,10 +282,10 @@ func TestWriteCrash(t *testing.T) {
 			model := qemutest.RawBytes(t, p)
 			flushed := bytes.Clone(model)       // content as of the last Flush
 			touched := make([]bool, len(model)) // written since the last Flush
-			mem := &syncHookFile{MemFile: hostfile.NewMemFile(p, content)}
+			mem := &syncHookFile{MemFile: hostfiletest.NewMemFile(p, content)}
 			r := rand.New(rand.NewPCG(3, 4))
 			crashes := 0
-			verify := func(crashed *hostfile.MemFile, what string) {
+			verify := func(crashed *hostfiletest.MemFile, what string) {
 				t.Helper()
 				crashes++
 				cp := filepath.Join(dir, "crash.qcow2")
@@ -648,10 +649,10 @@ func TestWriteFaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, op := range []hostfile.Op{hostfile.OpWrite, hostfile.OpSync} {
+	for _, op := range []hostfiletest.Op{hostfiletest.OpWrite, hostfiletest.OpSync} {
 		for i := int64(0); ; i++ {
-			mem := hostfile.NewMemFile(p, content)
-			ff := hostfile.NewFaulty(mem)
+			mem := hostfiletest.NewMemFile(p, content)
+			ff := hostfiletest.NewFaulty(mem)
 			img, err := Open(ff, disk.OpenOptions{})
 			if err != nil {
 				t.Fatal(err)

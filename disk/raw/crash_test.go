@@ -6,7 +6,7 @@ import (
 	"testing"
 
 	"github.com/imgloop/imgloop/disk"
-	"github.com/imgloop/imgloop/disk/hostfile"
+	"github.com/imgloop/imgloop/disk/hostfile/hostfiletest"
 )
 
 // TestCrashSweep fails each write and each sync of a workload in turn,
@@ -23,10 +23,10 @@ func TestCrashSweep(t *testing.T) {
 	for i := range 12 {
 		steps = append(steps, step{off: int64(i*5000) % (size - 4096), data: randomBytes(uint64(i+100), 1000+int64(i)*300), flush: i%3 == 2})
 	}
-	for _, op := range []hostfile.Op{hostfile.OpWrite, hostfile.OpSync} {
+	for _, op := range []hostfiletest.Op{hostfiletest.OpWrite, hostfiletest.OpSync} {
 		for i := int64(0); ; i++ {
-			mem := hostfile.NewMemFile("c.raw", make([]byte, size))
-			f := hostfile.NewFaulty(mem)
+			mem := hostfiletest.NewMemFile("c.raw", make([]byte, size))
+			f := hostfiletest.NewFaulty(mem)
 			f.FailNth(op, i, nil)
 			img, err := Open(f, disk.OpenOptions{})
 			if err != nil {
@@ -37,7 +37,7 @@ func TestCrashSweep(t *testing.T) {
 			failed := false
 			for _, s := range steps {
 				if _, err := img.WriteAt(s.data, s.off); err != nil {
-					if !errors.Is(err, hostfile.ErrInjected) {
+					if !errors.Is(err, hostfiletest.ErrInjected) {
 						t.Fatalf("%s #%d: WriteAt: %v", op, i, err)
 					}
 					failed = true
@@ -46,7 +46,7 @@ func TestCrashSweep(t *testing.T) {
 				copy(pending[s.off:], s.data)
 				if s.flush {
 					if err := img.Flush(); err != nil {
-						if !errors.Is(err, hostfile.ErrInjected) {
+						if !errors.Is(err, hostfiletest.ErrInjected) {
 							t.Fatalf("%s #%d: Flush: %v", op, i, err)
 						}
 						failed = true
@@ -61,7 +61,7 @@ func TestCrashSweep(t *testing.T) {
 				if f.Count(op) <= i {
 					break // the workload no longer reaches failure point i
 				}
-				if op == hostfile.OpSync && f.Count(op) == i+1 {
+				if op == hostfiletest.OpSync && f.Count(op) == i+1 {
 					continue // the failing sync was Close's own flush
 				}
 				t.Fatalf("%s #%d failed but no call reported it", op, i)

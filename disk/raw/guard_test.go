@@ -8,7 +8,7 @@ import (
 	"testing"
 
 	"github.com/imgloop/imgloop/disk"
-	"github.com/imgloop/imgloop/disk/hostfile"
+	"github.com/imgloop/imgloop/disk/hostfile/hostfiletest"
 )
 
 // fakeDriver claims headers that start with its magic. The raw tests do
@@ -84,7 +84,7 @@ func TestProbeGuard(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			content := make([]byte, 8192)
 			copy(content, c.initial)
-			mem := hostfile.NewMemFile("g.raw", content)
+			mem := hostfiletest.NewMemFile("g.raw", content)
 			img, err := Open(mem, disk.OpenOptions{Probed: c.probed})
 			if err != nil {
 				t.Fatal(err)
@@ -144,7 +144,7 @@ func TestProbeGuardConcurrent(t *testing.T) {
 	// the interleaving, the file must never hold the full magic.
 	registerFakes()
 	for round := 0; round < 50; round++ {
-		mem := hostfile.NewMemFile("c.raw", make([]byte, 1024))
+		mem := hostfiletest.NewMemFile("c.raw", make([]byte, 1024))
 		img, err := Open(mem, disk.OpenOptions{Probed: true})
 		if err != nil {
 			t.Fatal(err)

@@ -9,6 +9,7 @@ import (
 
 	"github.com/imgloop/imgloop/disk"
 	"github.com/imgloop/imgloop/disk/hostfile"
+	"github.com/imgloop/imgloop/disk/hostfile/hostfiletest"
 	"github.com/imgloop/imgloop/internal/qemutest"
 )
 
@@ -133,7 +134,7 @@ func TestMapMatchesQemu(t *testing.T) {
 }
 
 func TestMapMemFileHoles(t *testing.T) {
-	mem := hostfile.NewMemFile("m.raw", nil)
+	mem := hostfiletest.NewMemFile("m.raw", nil)
 	if err := mem.Truncate(1 << 20); err != nil {
 		t.Fatal(err)
 	}
@@ -163,7 +164,7 @@ func TestMapMemFileHoles(t *testing.T) {
 }
 
 func TestMapWithoutSeek(t *testing.T) {
-	img, err := Open(plainFile{hostfile.NewMemFile("p", make([]byte, 10000))}, disk.OpenOptions{})
+	img, err := Open(plainFile{hostfiletest.NewMemFile("p", make([]byte, 10000))}, disk.OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}

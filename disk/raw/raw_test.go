@@ -13,11 +13,12 @@ import (
 	"github.com/imgloop/imgloop/disk"
 	"github.com/imgloop/imgloop/disk/disktest"
 	"github.com/imgloop/imgloop/disk/hostfile"
+	"github.com/imgloop/imgloop/disk/hostfile/hostfiletest"
 )
 
 // plainFile hides the optional methods of a file (no hole punching, no
 // zero range, no SEEK_DATA), as a host file system without them would.
-type plainFile struct{ hostfile.File }
+type plainFile struct{ hostfiletest.File }
 
 // randomBytes returns n seeded pseudo-random bytes.
 func randomBytes(seed uint64, n int64) []byte {
@@ -128,12 +129,12 @@ func TestConformanceHostFiles(t *testing.T) {
 	const size = 2<<20 + 600
 	content := randomBytes(9, size)
 	files := map[string]func(t *testing.T) disk.File{
-		"memfile": func(t *testing.T) disk.File { return hostfile.NewMemFile("mem.raw", content) },
+		"memfile": func(t *testing.T) disk.File { return hostfiletest.NewMemFile("mem.raw", content) },
 		"plain": func(t *testing.T) disk.File {
-			return plainFile{hostfile.NewMemFile("plain.raw", content)}
+			return plainFile{hostfiletest.NewMemFile("plain.raw", content)}
 		},
 		"faulty without holes": func(t *testing.T) disk.File {
-			return hostfile.NewFaulty(plainFile{hostfile.NewMemFile("faulty.raw", content)})
+			return hostfiletest.NewFaulty(plainFile{hostfiletest.NewMemFile("faulty.raw", content)})
 		},
 	}
 	for name, mk := range files {
@@ -163,7 +164,7 @@ func TestRandomOps(t *testing.T) {
 		})
 		t.Run("memfile", func(t *testing.T) {
 			content := randomBytes(seed, size)
-			img, err := Open(hostfile.NewMemFile("m", content), disk.OpenOptions{})
+			img, err := Open(hostfiletest.NewMemFile("m", content), disk.OpenOptions{})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -220,7 +221,7 @@ func TestReadShrunkFile(t *testing.T) {
 }
 
 func TestCloseFlushes(t *testing.T) {
-	mem := hostfile.NewMemFile("m", make([]byte, 4096))
+	mem := hostfiletest.NewMemFile("m", make([]byte, 4096))
 	img, err := Open(mem, disk.OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -240,17 +241,17 @@ func TestCloseFlushes(t *testing.T) {
 }
 
 func TestFlushErrors(t *testing.T) {
-	mem := hostfile.NewMemFile("m", make([]byte, 4096))
-	f := hostfile.NewFaulty(mem)
-	f.FailAfter(hostfile.OpSync, 0, nil)
+	mem := hostfiletest.NewMemFile("m", make([]byte, 4096))
+	f := hostfiletest.NewFaulty(mem)
+	f.FailAfter(hostfiletest.OpSync, 0, nil)
 	img, err := Open(f, disk.OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := img.Flush(); !errors.Is(err, hostfile.ErrInjected) {
+	if err := img.Flush(); !errors.Is(err, hostfiletest.ErrInjected) {
 		t.Fatalf("Flush = %v, want the injected error", err)
 	}
-	if err := img.Close(); !errors.Is(err, hostfile.ErrInjected) {
+	if err := img.Close(); !errors.Is(err, hostfiletest.ErrInjected) {
 		t.Fatalf("Close = %v, want the injected error", err)
 	}
 	if _, err := mem.Size(); !errors.Is(err, os.ErrClosed) {
@@ -262,8 +263,8 @@ func TestWriteErrorsSweep(t *testing.T) {
 	// Fail each write in turn: the error reaches the caller, wrapped.
 	for i := int64(0); ; i++ {
 		// Without ZeroRange, WriteZeroes writes zeros in 256 KiB chunks.
-		f := hostfile.NewFaulty(plainFile{hostfile.NewMemFile("m", make([]byte, 1<<20))})
-		f.FailNth(hostfile.OpWrite, i, nil)
+		f := hostfiletest.NewFaulty(plainFile{hostfiletest.NewMemFile("m", make([]byte, 1<<20))})
+		f.FailNth(hostfiletest.OpWrite, i, nil)
 		img, err := Open(f, disk.OpenOptions{})
 		if err != nil {
 			t.Fatal(err)
@@ -271,14 +272,14 @@ func TestWriteErrorsSweep(t *testing.T) {
 		var failed bool
 		for j := int64(0); j < 4; j++ {
 			if _, err := img.WriteAt([]byte{1, 2, 3}, j*1000); err != nil {
-				if !errors.Is(err, hostfile.ErrInjected) || j != i {
+				if !errors.Is(err, hostfiletest.ErrInjected) || j != i {
 					t.Fatalf("write %d with write %d failing: %v", j, i, err)
 				}
 				failed = true
 			}
 		}
 		if err := img.WriteZeroes(5000, 300<<10, disk.ZeroNoUnmap); err != nil {
-			if !errors.Is(err, hostfile.ErrInjected) {
+			if !errors.Is(err, hostfiletest.ErrInjected) {
 				t.Fatalf("WriteZeroes with write %d failing: %v", i, err)
 			}
 			failed = true
@@ -294,7 +295,7 @@ func TestWriteErrorsSweep(t *testing.T) {
 }
 
 func TestDiscardNotSupported(t *testing.T) {
-	img, err := Open(plainFile{hostfile.NewMemFile("p", make([]byte, 8192))}, disk.OpenOptions{})
+	img, err := Open(plainFile{hostfiletest.NewMemFile("p", make([]byte, 8192))}, disk.OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -303,7 +304,7 @@ func TestDiscardNotSupported(t *testing.T) {
 		t.Fatalf("Discard on a file without holes = %v, want ErrNotSupported", err)
 	}
 	// Faulty reports the missing method as errors.ErrUnsupported, as the OS would.
-	img2, err := Open(hostfile.NewFaulty(plainFile{hostfile.NewMemFile("p", make([]byte, 8192))}), disk.OpenOptions{})
+	img2, err := Open(hostfiletest.NewFaulty(plainFile{hostfiletest.NewMemFile("p", make([]byte, 8192))}), disk.OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}

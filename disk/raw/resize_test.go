@@ -9,7 +9,7 @@ import (
 	"testing"
 
 	"github.com/imgloop/imgloop/disk"
-	"github.com/imgloop/imgloop/disk/hostfile"
+	"github.com/imgloop/imgloop/disk/hostfile/hostfiletest"
 	"github.com/imgloop/imgloop/internal/qemutest"
 )
 
@@ -107,8 +107,8 @@ func TestResizeErrors(t *testing.T) {
 	}
 
 	boom := errors.New("boom")
-	f := hostfile.NewFaulty(hostfile.NewMemFile("mem", make([]byte, 4096)))
-	f.FailAfter(hostfile.OpTruncate, 0, boom)
+	f := hostfiletest.NewFaulty(hostfiletest.NewMemFile("mem", make([]byte, 4096)))
+	f.FailAfter(hostfiletest.OpTruncate, 0, boom)
 	img, err := Open(f, disk.OpenOptions{})
 	if err != nil {
 		t.Fatal(err)

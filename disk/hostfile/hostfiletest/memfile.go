@@ -1,4 +1,4 @@
-package hostfile
+package hostfiletest
 
 import (
 	"errors"
@@ -20,7 +20,7 @@ const MemMaxSize = 1 << 40
 
 // ErrMemTooLarge is returned by a MemFile write or truncate that would make
 // the file longer than MemMaxSize.
-var ErrMemTooLarge = errors.New("hostfile: memory file larger than MemMaxSize")
+var ErrMemTooLarge = errors.New("hostfiletest: memory file larger than MemMaxSize")
 
 // MemFile is an in-memory host file that can be "crashed". It keeps two
 // states: the current content, which reads see, and the durable content as

@@ -1,4 +1,4 @@
-package hostfile
+package hostfiletest
 
 import (
 	"bytes"

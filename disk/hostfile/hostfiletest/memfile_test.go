@@ -1,4 +1,4 @@
-package hostfile
+package hostfiletest
 
 import (
 	"bytes"
@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"sync"
 	"testing"
+
+	"github.com/imgloop/imgloop/disk/hostfile"
 )
 
 func TestMemFileReadWrite(t *testing.T) {
@@ -120,7 +122,7 @@ func TestMemFileMatchesOSFile(t *testing.T) {
 	for seed := uint64(1); seed <= 2; seed++ {
 		r := rand.New(rand.NewPCG(seed, 3))
 		src := rand.NewChaCha8([32]byte{byte(seed)})
-		osf, err := Create(filepath.Join(t.TempDir(), "f"))
+		osf, err := hostfile.Create(filepath.Join(t.TempDir(), "f"))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -273,7 +275,7 @@ func TestMemFileConcurrent(t *testing.T) {
 // and SEEK_HOLE alike on the same layout (block-aligned, so that the file
 // system's granularity does not matter), including at and past the end.
 func TestSeekAgreesWithOSFile(t *testing.T) {
-	osf, err := Create(filepath.Join(t.TempDir(), "f"))
+	osf, err := hostfile.Create(filepath.Join(t.TempDir(), "f"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,4 +1,4 @@
-package hostfile
+package hostfiletest
 
 import (
 	"errors"
@@ -47,7 +47,7 @@ func (o Op) String() string {
 
 // ErrInjected is the error a Faulty returns for a failure set up with a nil
 // error.
-var ErrInjected = errors.New("hostfile: injected fault")
+var ErrInjected = errors.New("hostfiletest: injected fault")
 
 // Faulty wraps a File, counts its operations by kind, and fails chosen
 // ones: tests sweep every failure point by failing the i-th write (or
