@@ -44,6 +44,19 @@ func (img *Image) Map(off, n int64) (disk.Extent, error) {
 	case kindNormal:
 		e.Status = disk.StatusAllocated | disk.StatusData
 		e.HostOffset, e.HostFile = r.host, img.hostFileName()
+		// As QEMU does (block/io.c, bdrv_co_block_status): in an image
+		// made with preallocation=metadata, allocated clusters over a
+		// hole of the host file read as zeros. The extent ends where the
+		// host file's run does.
+		if !img.metadataPreallocated() {
+			break
+		}
+		if hole, length, known, err := disk.HostRun(img.data, r.host, e.Length); err == nil && known {
+			e.Length = length
+			if hole {
+				e.Status |= disk.StatusZero
+			}
+		}
 	case kindZero:
 		e.Status = disk.StatusAllocated | disk.StatusZero
 	case kindZeroAlloc:

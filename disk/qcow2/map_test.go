@@ -189,3 +189,32 @@ func TestMapMatchesQemu(t *testing.T) {
 		t.Errorf("Locate(size) = %v, want ErrOutOfRange", err)
 	}
 }
+
+// TestMapHostHoles: where the host file has holes under allocated
+// clusters, Map reports zeros exactly where qemu-img map does: in images
+// QEMU takes to be preallocated (preallocation=metadata), and not in
+// others (QEMU's threshold, qcow2_detect_metadata_preallocation).
+func TestMapHostHoles(t *testing.T) {
+	qemutest.Require(t, "qemu-img", "qemu-io")
+	dir := t.TempDir()
+	prealloc := filepath.Join(dir, "prealloc.qcow2")
+	qemutest.Create(t, prealloc, "qcow2", "preallocation=metadata", "8M")
+	written := filepath.Join(dir, "written.qcow2")
+	qemutest.Create(t, written, "qcow2", "preallocation=metadata,cluster_size=4096", "4M")
+	qemutest.IO(t, written, "qcow2", "write -P 1 0 100k", "write -P 2 1M 3k", "write -z 2M 64k")
+	// COW areas left as host holes, in an image that is not preallocated
+	// (qemu-img map reports no zeros there) and in one whose discards
+	// make it look preallocated (it does).
+	cow := filepath.Join(dir, "cow.qcow2")
+	qemutest.Create(t, cow, "qcow2", "", "16M")
+	qemutest.IO(t, cow, "qcow2", "write -P 0x77 4097k 3k")
+	mixed := filepath.Join(dir, "mixed.qcow2")
+	qemutest.Create(t, mixed, "qcow2", "cluster_size=65536", "12M")
+	qemutest.IO(t, mixed, "qcow2", "write -P 0xaa 0 1M", "write -P 0x55 3M 64k", "write -z 1M 128k",
+		"write -c -P 0x11 8M 256k", "discard 0 64k", "write -P 0x77 4097k 3k")
+	for _, p := range []string{prealloc, written, cow, mixed} {
+		t.Run(filepath.Base(p), func(t *testing.T) {
+			compareMap(t, openImage(t, p, disk.OpenOptions{ReadOnly: true}), p)
+		})
+	}
+}

@@ -150,8 +150,11 @@ type Image struct {
 	snaps    []SnapshotEntry
 	snapshot *SnapshotEntry // the snapshot opened, nil for the active view
 
-	data     disk.File // where guest clusters live: f, or the external data file
-	dataName string    // data file path, "" without one
+	data disk.File // where guest clusters live: f, or the external data file
+
+	preallocOnce sync.Once // metadataPreallocated's decision
+	prealloc     bool
+	dataName     string // data file path, "" without one
 
 	backing       disk.Image
 	backingSize   int64

@@ -1,9 +1,7 @@
 package raw
 
 import (
-	"errors"
 	"fmt"
-	"io"
 
 	"github.com/imgloop/imgloop/disk"
 )
@@ -29,34 +27,13 @@ func (img *Image) Map(off, n int64) (disk.Extent, error) {
 	}
 	e := disk.Extent{Offset: off, Length: n, Status: disk.StatusData | disk.StatusAllocated,
 		HostOffset: off, HostFile: img.f.Name()}
-	ds, ok := img.f.(disk.DataSeeker)
-	if !ok {
-		return e, nil
-	}
-	data, err := ds.SeekData(off)
-	switch {
-	case errors.Is(err, io.EOF):
-		// A hole up to the end of the file (or the file shrank).
-		e.Status = disk.StatusZero | disk.StatusAllocated
-		return e, nil
-	case errors.Is(err, errors.ErrUnsupported):
-		return e, nil
-	case err != nil:
+	hole, length, _, err := disk.HostRun(img.f, off, n)
+	if err != nil {
 		return disk.Extent{}, img.hostErr("seek data", off, err)
-	case data > off:
-		e.Status = disk.StatusZero | disk.StatusAllocated
-		e.Length = min(data-off, n)
-		return e, nil
 	}
-	hole, err := ds.SeekHole(off)
-	switch {
-	case errors.Is(err, errors.ErrUnsupported), errors.Is(err, io.EOF):
-		// io.EOF: the file shrank since SeekData; report data.
-		return e, nil
-	case err != nil:
-		return disk.Extent{}, img.hostErr("seek hole", off, err)
-	case hole > off:
-		e.Length = min(hole-off, n)
+	e.Length = length
+	if hole {
+		e.Status = disk.StatusZero | disk.StatusAllocated
 	}
 	return e, nil
 }
