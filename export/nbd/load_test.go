@@ -46,7 +46,9 @@ func readAll(r *rawConn, size, chunk int64) ([]byte, error) {
 }
 
 func beUint64(b []byte) uint64 { return uint64(beUint32(b))<<32 | uint64(beUint32(b[4:])) }
-func beUint32(b []byte) uint32 { return uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3]) }
+func beUint32(b []byte) uint32 {
+	return uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
+}
 
 // TestFleet: 64 clients at once read one read-only qcow2 over TCP
 // loopback (a fleet booting from one golden image); each gets the
