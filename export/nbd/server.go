@@ -238,9 +238,12 @@ func (s *Server) ServeConn(nc net.Conn) {
 }
 
 // Shutdown stops accepting connections, ends handshakes in progress,
-// answers the requests in flight on every connection (later ones get
-// NBD_ESHUTDOWN) and closes the connections. It returns when they are
-// all closed, or with ctx's error (then closing them forcibly).
+// stops reading requests, answers those in flight on every connection
+// and then closes the connections (the spec's server shutdown: a hard
+// disconnect once in-flight requests are serviced). It returns when they
+// are all closed, or with ctx's error, after closing them forcibly:
+// requests still running are then cancelled (NBD_ESHUTDOWN where a reply
+// can still be sent).
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
 	if !s.shutdown {
