@@ -34,15 +34,30 @@ func TestQemuImgConvert(t *testing.T) {
 	want := qemutest.RawBytes(t, src)
 	img := openImage(t, src, "qcow2", true)
 	s := startServer(t, []Export{{Name: "", Image: img}, {Name: "second", Image: img}}, Options{})
-	for _, name := range []string{"", "second"} {
-		out := filepath.Join(dir, "out"+name+".raw")
-		qemutest.Img(t, "convert", "-f", "raw", s.uri(name), "-O", "raw", out)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go s.Serve(ln)
+	for _, uri := range []string{s.uri(""), s.uri("second"), "nbd://" + ln.Addr().String() + "/second"} {
+		var info struct {
+			Size   int64  `json:"virtual-size"`
+			Format string `json:"format"`
+		}
+		if err := json.Unmarshal([]byte(qemutest.Img(t, "info", "--output=json", uri)), &info); err != nil {
+			t.Fatal(err)
+		}
+		if info.Size != int64(len(want)) || info.Format != "raw" {
+			t.Errorf("qemu-img info %s: %+v", uri, info)
+		}
+		out := filepath.Join(dir, "out.raw")
+		qemutest.Img(t, "convert", "-f", "raw", uri, "-O", "raw", out)
 		got, err := os.ReadFile(out)
 		if err != nil {
 			t.Fatal(err)
 		}
 		if !bytes.Equal(got, want) {
-			t.Fatalf("export %q: differs from qemu-img convert at %d", name, qemutest.FirstDiff(got, want))
+			t.Fatalf("%s: differs from qemu-img convert at %d", uri, qemutest.FirstDiff(got, want))
 		}
 	}
 }
