@@ -1,7 +1,8 @@
-// Command imgloop inspects, creates, checks and converts disk images (raw,
-// qcow2) without QEMU: `imgloop info`, `map`, `create`, `check` and
-// `convert` behave like their qemu-img namesakes and print the same
-// formats.
+// Command imgloop inspects, creates, checks, converts and serves disk
+// images (raw, qcow2) without QEMU: `imgloop info`, `map`, `create`,
+// `check`, `convert` and `resize` behave like their qemu-img namesakes and
+// print the same formats; `imgloop serve` exports images over NBD as
+// qemu-nbd does.
 //
 // Exit status: 0 on success; otherwise one line "imgloop: <error>" on
 // standard error and 1, except for check, which exits as qemu-img check
@@ -63,9 +64,10 @@ func oneLine(s string) string {
 func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 	root := &cobra.Command{
 		Use:   "imgloop",
-		Short: "Inspect and convert disk images (raw, qcow2)",
-		Long: "imgloop reads disk images (raw, qcow2) in user space: info and map\n" +
-			"describe them as qemu-img does, convert copies them to raw.",
+		Short: "Inspect, convert and serve disk images (raw, qcow2)",
+		Long: "imgloop reads and writes disk images (raw, qcow2) in user space: info,\n" +
+			"map, create, check, convert and resize behave as qemu-img's; serve\n" +
+			"exports images over NBD as qemu-nbd does.",
 		SilenceUsage:      true,
 		SilenceErrors:     true,
 		PersistentPreRunE: func(cmd *cobra.Command, args []string) error { return startProfile() },
@@ -78,6 +80,6 @@ func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 	root.CompletionOptions.DisableDefaultCmd = true
 	addProfileFlag(root)
 	root.AddCommand(newInfoCmd(), newMapCmd(), newConvertCmd(), newCheckCmd(), newCreateCmd())
-	root.AddCommand(newResizeCmd())
+	root.AddCommand(newResizeCmd(), newServeCmd())
 	return root
 }
