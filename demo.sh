@@ -18,7 +18,7 @@ if ! command -v qemu-img >/dev/null || ! command -v qemu-io >/dev/null || ! comm
 	fi
 fi
 dir=$(mktemp -d /tmp/imgloop-demo.XXXXXX)
-trap 'kill $server 2>/dev/null; wait; rm -rf "$dir"' EXIT
+trap 'if [[ -n $server ]]; then kill $server 2>/dev/null || true; fi; rm -rf "$dir"' EXIT
 server=
 
 (cd "$root" && go build -o "$dir/imgloop" ./cmd/imgloop)

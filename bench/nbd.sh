@@ -126,7 +126,7 @@ raw=$dir/img.raw
 bytes=$(numfmt --from=iec "$SIZE")
 {
 	head -c $((bytes / 2)) /dev/urandom
-	base64 -w 4096 /dev/urandom | head -c $((bytes - bytes / 2))
+	head -c $((bytes - bytes / 2)) < <(base64 -w 4096 /dev/urandom)
 } >"$raw"
 qemu-img convert -f raw -O qcow2 "$raw" "$dir/img.qcow2"
 qemu-img convert -f raw -O qcow2 -c "$raw" "$dir/img-c.qcow2"
