@@ -247,10 +247,6 @@ func (c *Conn) readReply() error {
 		if errors.Is(err, io.EOF) {
 			return errors.New("the server closed the connection")
 		}
-		if errors.Is(err, ErrProtocol) && !c.structured {
-			// A structured chunk the client never asked for.
-			return fmt.Errorf("%w (structured replies were not negotiated)", err)
-		}
 		return err
 	}
 	c.mu.Lock()
@@ -261,6 +257,9 @@ func (c *Conn) readReply() error {
 	}
 	if rep.Simple {
 		return c.simpleReply(cl, rep.Errno)
+	}
+	if !c.structured {
+		return protocolError("structured reply chunk, but structured replies were not negotiated")
 	}
 	return c.chunk(cl, rep.Chunk)
 }

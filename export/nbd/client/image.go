@@ -681,8 +681,12 @@ func (c *Conn) RawRequest(ctx context.Context, r Request) (Reply, error) {
 	return rep, nil
 }
 
+// closeFlushTimeout bounds the flush of Close: a server that does not
+// answer it must not hang the caller.
+const closeFlushTimeout = 30 * time.Second
+
 // Close ends the connection (disk.Image): it waits for the calls in
-// flight, flushes a writable export, sends NBD_CMD_DISC and closes the
+// flight, flushes a writable export (for at most closeFlushTimeout), sends NBD_CMD_DISC and closes the
 // socket once the server has (or after a second). Calls after Close,
 // and Close again, return disk.ErrClosed. It returns the flush's error.
 func (c *Conn) Close() error {
@@ -694,7 +698,9 @@ func (c *Conn) Close() error {
 	c.closed = true
 	c.mu.Unlock()
 	c.active.Wait()
-	err := c.flush(context.Background())
+	ctx, cancel := context.WithTimeout(context.Background(), closeFlushTimeout)
+	defer cancel()
+	err := c.flush(ctx)
 	c.mu.Lock()
 	live := c.err == nil
 	if live {
