@@ -42,8 +42,6 @@ type Conn struct {
 	done    chan struct{} // closed when the reader goroutine ends
 
 	unaligned sync.Mutex // orders read-modify-write cycles (minimum block size > 1)
-	closeOnce sync.Once
-	closeErr  error
 }
 
 // call is one request in flight.
