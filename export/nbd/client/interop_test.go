@@ -138,3 +138,41 @@ func noZero(runs []mapRun) []mapRun {
 	}
 	return out
 }
+
+// TestMinimumBlockSize talks to nbdkit enforcing a 4 KiB minimum block
+// size (the blocksize-policy filter fails unaligned requests): unaligned
+// reads, writes and zeroing go through whole blocks.
+func TestMinimumBlockSize(t *testing.T) {
+	sock := filepath.Join(shortDir(t), "k")
+	startProcess(t, sock, "nbdkit", "-f", "-U", sock, "--filter=blocksize-policy", "memory", "4M",
+		"blocksize-minimum=4096", "blocksize-preferred=4096", "blocksize-maximum=65536", "blocksize-error-policy=error")
+	c := dialAt(t, "unix", sock, modes[1].opts)
+	if bs := c.BlockSize(); bs.Minimum != 4096 || bs.Maximum != 65536 {
+		t.Fatalf("block size %+v", bs)
+	}
+	model := make([]byte, c.Size())
+	for i, w := range []struct{ off, n int64 }{{1, 10}, {4095, 2}, {5000, 100000}, {8192, 4096}, {c.Size() - 3, 3}} {
+		b := bytes.Repeat([]byte{byte(i + 1)}, int(w.n))
+		if _, err := c.WriteAt(b, w.off); err != nil {
+			t.Fatalf("WriteAt(%d, %d): %v", w.off, w.n, err)
+		}
+		copy(model[w.off:], b)
+	}
+	if err := c.WriteZeroes(6000, 20000, 0); err != nil {
+		t.Fatal(err)
+	}
+	clear(model[6000:26000])
+	if err := c.WriteZeroes(100, 10, disk.ZeroFast); !errors.Is(err, disk.ErrSlowZero) {
+		t.Fatalf("unaligned fast zero: %v, want ErrSlowZero", err)
+	}
+	got := make([]byte, 200001)
+	if _, err := c.ReadAt(got, 3); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, model[3:200004]) {
+		t.Fatalf("unaligned read differs at %d", qemutest.FirstDiff(got, model[3:200004]))
+	}
+	if all := readAll(t, c, 1<<20); !bytes.Equal(all, model) {
+		t.Fatalf("read differs at %d", qemutest.FirstDiff(all, model))
+	}
+}
