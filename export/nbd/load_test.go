@@ -61,7 +61,10 @@ func TestFleet(t *testing.T) {
 	src := makeQcow2(t, dir, "10M")
 	want := qemutest.RawBytes(t, src)
 	img := openImage(t, src, "qcow2", true)
-	s := startServer(t, []Export{{Image: img}}, Options{WriteTimeout: 2 * time.Second})
+	// The write deadline stays generous: under -race on a loaded CI machine a
+	// good client may wait seconds for its turn; the slow reader that never
+	// reads is hostile_test.go's case, with a short deadline.
+	s := startServer(t, []Export{{Image: img}}, Options{WriteTimeout: 60 * time.Second})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
