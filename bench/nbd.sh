@@ -133,6 +133,8 @@ qemu-img convert -f raw -O qcow2 -c "$raw" "$dir/img-c.qcow2"
 head -c "$(numfmt --from=iec "$FLEET_SIZE")" "$raw" >"$dir/golden.raw"
 qemu-img convert -f raw -O qcow2 "$dir/golden.raw" "$dir/golden.qcow2"
 rm "$dir/golden.raw"
+# Write the images back now, not while the first rows run.
+sync
 echo
 echo "imgloop vs peers, $SIZE images, fio runtime ${RUNTIME}s, unix socket, page cache warm"
 for shape in raw:raw:img.raw qcow2:qcow2:img.qcow2 compressed:qcow2:img-c.qcow2; do

@@ -44,7 +44,9 @@
 // larger ones are refused (a write's payload is drained, not buffered)
 // or end the connection. Memory stays bounded whatever clients do: the
 // bytes of requests in flight are capped per connection and in total
-// (Options.MaxConnBytes, MaxTotalBytes), and reaching a cap stops
+// (Options.MaxConnBytes, MaxTotalBytes; each connection also has a
+// 1 MiB reserve outside the total, so that clients holding the total
+// cannot stop the others), and reaching a cap stops
 // reading from the connection (backpressure) rather than refusing; the
 // number of connections is capped too (Options.MaxClients). A client
 // that does not read its replies is disconnected after

@@ -43,7 +43,8 @@ type conn struct {
 	scratch  []byte        // reply headers, under wmu
 	waiting  atomic.Int32  // replies waiting for wmu
 	slots    chan struct{} // one per request in flight
-	budget   *semaphore.Weighted
+	budget   *semaphore.Weighted // MaxConnBytes
+	reserve  *semaphore.Weighted // connReserve, outside MaxTotalBytes
 	inflight sync.WaitGroup
 	stopOnce sync.Once
 	stopping chan struct{} // closed by stop (server shutdown)
@@ -55,7 +56,7 @@ func newConn(s *Server, nc net.Conn) *conn {
 	ctx, cancel := context.WithCancel(context.Background())
 	return &conn{s: s, nc: nc, br: bufio.NewReaderSize(nc, 64<<10), bw: bufio.NewWriterSize(nc, 64<<10),
 		ctx: ctx, cancel: cancel, scratch: make([]byte, 0, 8<<10), slots: make(chan struct{}, maxInFlightPerConn),
-		budget: semaphore.NewWeighted(s.opts.MaxConnBytes), stopping: make(chan struct{}), failed: make(chan struct{})}
+		budget: semaphore.NewWeighted(s.opts.MaxConnBytes), reserve: semaphore.NewWeighted(connReserve), stopping: make(chan struct{}), failed: make(chan struct{})}
 }
 
 // stop asks the connection to end (Shutdown): a handshake ends at

@@ -256,6 +256,42 @@ func TestSlowReader(t *testing.T) {
 	}
 }
 
+// TestSlowReadersHoldTotal: readers that never read their replies hold
+// all of the server's total byte cap; a good client's small requests
+// still go through on its connection's reserve, long before the slow
+// readers are disconnected.
+func TestSlowReadersHoldTotal(t *testing.T) {
+	s, _ := modelServer(t, 64<<20, Options{WriteTimeout: time.Minute, MaxConnBytes: 40 << 20, MaxTotalBytes: 40 << 20})
+	for range 3 {
+		slow := dialRaw(t, s.sock)
+		slow.start(true, false)
+		go func() {
+			for i := range 4096 {
+				if _, err := slow.nc.Write(wire.AppendRequest(nil, wire.Request{Type: wire.CmdRead, Cookie: uint64(i), Length: 1 << 20}, false)); err != nil {
+					return
+				}
+			}
+		}()
+	}
+	// Wait until the slow readers hold the whole total.
+	for deadline := time.Now().Add(10 * time.Second); s.total.TryAcquire(1); time.Sleep(10 * time.Millisecond) {
+		s.total.Release(1)
+		if time.Now().After(deadline) {
+			t.Fatal("the slow readers never filled the total cap")
+		}
+	}
+	good := dialRaw(t, s.sock)
+	good.nc.SetDeadline(time.Now().Add(20 * time.Second))
+	good.start(false, false)
+	for i := range 200 {
+		good.request(wire.Request{Type: wire.CmdRead, Cookie: uint64(i), Offset: uint64(i) << 16, Length: 64 << 10}, false, nil)
+		if _, errno, _, _ := good.reply(false); errno != 0 {
+			t.Fatalf("good client: %s", wire.ErrorName(errno))
+		}
+		good.full(make([]byte, 64<<10))
+	}
+}
+
 // TestMaxClients: connections over the limit are closed at once.
 func TestMaxClients(t *testing.T) {
 	s, _ := modelServer(t, 1<<20, Options{MaxClients: 2})

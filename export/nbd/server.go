@@ -41,7 +41,11 @@ type Options struct {
 	// MaxConnBytes bounds the payload and reply bytes of the requests in
 	// flight on one connection (default 64 MiB, at least MaxPayload).
 	MaxConnBytes int64
-	// MaxTotalBytes bounds them over all connections (default 1 GiB).
+	// MaxTotalBytes bounds them over all connections (default 128 MiB),
+	// beyond a reserve of 1 MiB per connection that keeps every client
+	// going when others hold the total. More in flight does not serve a
+	// fleet faster: 64 nbdcopy clients of one image took 16.4 s and
+	// 1.07 GiB of RSS with 1 GiB, 11.4 s and 164 MiB with 128 MiB.
 	MaxTotalBytes int64
 	// MaxPayload is the largest read or write payload accepted (default
 	// and ceiling 32 MiB, the protocol's portable maximum).
@@ -65,6 +69,11 @@ const maxInFlightPerConn = 512
 // minRequestCost is what a request without payload counts against the
 // byte caps, so that the caps also bound how many are in flight.
 const minRequestCost = 4096
+
+// connReserve is what each connection may hold in flight outside
+// Options.MaxTotalBytes: the server's memory is bounded by
+// MaxTotalBytes + MaxClients*connReserve.
+const connReserve = 1 << 20
 
 // Server serves Exports over NBD.
 type Server struct {
@@ -111,7 +120,7 @@ func NewServer(exports []Export, opts Options) (*Server, error) {
 	}
 	opts.MaxConnBytes = max(opts.MaxConnBytes, opts.MaxPayload+minRequestCost)
 	if opts.MaxTotalBytes <= 0 {
-		opts.MaxTotalBytes = 1 << 30
+		opts.MaxTotalBytes = 128 << 20
 	}
 	opts.MaxTotalBytes = max(opts.MaxTotalBytes, opts.MaxConnBytes)
 	if opts.HandshakeTimeout <= 0 {

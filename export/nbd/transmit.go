@@ -21,6 +21,8 @@ type request struct {
 	payload []byte   // a write's data, from bufpool
 	ids     []uint32 // block status: the contexts asked for (nil: all)
 	cost    int64    // what it holds of the byte caps
+	// reserved: cost came from the connection's reserve, not the total.
+	reserved bool
 }
 
 // Flags each command accepts (FUA is valid on every command).
@@ -135,7 +137,7 @@ func (c *conn) readRequest(ctx context.Context, r wire.Request) (*request, error
 		req.cost = max(req.cost, maxStatusReply(c.extended))
 	}
 	req.cost = max(req.cost, int64(payloadLen))
-	if err := c.acquire(ctx, req.cost); err != nil {
+	if err := c.acquire(ctx, req); err != nil {
 		return nil, err
 	}
 	if payloadLen == 0 {
@@ -144,7 +146,7 @@ func (c *conn) readRequest(ctx context.Context, r wire.Request) (*request, error
 	buf := bufpool.Get(int(payloadLen))
 	if _, err := io.ReadFull(c.br, buf); err != nil {
 		bufpool.Put(buf)
-		c.releaseCost(req.cost)
+		c.releaseCost(req)
 		return nil, err
 	}
 	if r.Type == wire.CmdWrite {
@@ -154,7 +156,7 @@ func (c *conn) readRequest(ctx context.Context, r wire.Request) (*request, error
 	// The block status payload: an effect length and context IDs.
 	defer bufpool.Put(buf)
 	if rerr := c.parseStatusPayload(req, buf); rerr != nil {
-		c.releaseCost(req.cost)
+		c.releaseCost(req)
 		c.replyError(req, rerr)
 		return nil, nil
 	}
@@ -280,22 +282,30 @@ func (c *conn) skip(n uint64) error {
 	return err
 }
 
-// acquire takes room for cost bytes and one request under the caps: the
+// acquire takes room for req's cost and one request under the caps: the
 // connection's first, then the server's, so that one connection cannot
-// hold all of the server's. It blocks (the connection stops reading
-// requests: backpressure) until there is room or ctx is done.
-func (c *conn) acquire(ctx context.Context, cost int64) error {
+// hold all of the server's. A request that fits in what is left of the
+// connection's reserve (connReserve) does not count against the server's
+// total, so that clients which hold their share of the total (readers
+// that never read their replies, until WriteTimeout) cannot stop the
+// others. It blocks (the connection stops reading requests:
+// backpressure) until there is room or ctx is done.
+func (c *conn) acquire(ctx context.Context, req *request) error {
 	select {
 	case c.slots <- struct{}{}:
 	case <-ctx.Done():
 		return ctx.Err()
 	}
-	if err := c.budget.Acquire(ctx, cost); err != nil {
+	if err := c.budget.Acquire(ctx, req.cost); err != nil {
 		<-c.slots
 		return err
 	}
-	if err := c.s.total.Acquire(ctx, cost); err != nil {
-		c.budget.Release(cost)
+	if c.reserve.TryAcquire(req.cost) {
+		req.reserved = true
+		return nil
+	}
+	if err := c.s.total.Acquire(ctx, req.cost); err != nil {
+		c.budget.Release(req.cost)
 		<-c.slots
 		return err
 	}
@@ -303,9 +313,13 @@ func (c *conn) acquire(ctx context.Context, cost int64) error {
 }
 
 // releaseCost gives back what acquire took.
-func (c *conn) releaseCost(cost int64) {
-	c.s.total.Release(cost)
-	c.budget.Release(cost)
+func (c *conn) releaseCost(req *request) {
+	if req.reserved {
+		c.reserve.Release(req.cost)
+	} else {
+		c.s.total.Release(req.cost)
+	}
+	c.budget.Release(req.cost)
 	<-c.slots
 }
 
@@ -315,7 +329,7 @@ func (c *conn) release(req *request) {
 		bufpool.Put(req.payload)
 		req.payload = nil
 	}
-	c.releaseCost(req.cost)
+	c.releaseCost(req)
 }
 
 // handle serves one request and sends its reply.
