@@ -40,9 +40,9 @@ type conn struct {
 	cancel   context.CancelFunc
 	wmu      sync.Mutex // one reply at a time
 	bw       *bufio.Writer
-	scratch  []byte        // reply headers, under wmu
-	waiting  atomic.Int32  // replies waiting for wmu
-	slots    chan struct{} // one per request in flight
+	scratch  []byte              // reply headers, under wmu
+	waiting  atomic.Int32        // replies waiting for wmu
+	slots    chan struct{}       // one per request in flight
 	budget   *semaphore.Weighted // MaxConnBytes
 	reserve  *semaphore.Weighted // connReserve, outside MaxTotalBytes
 	inflight sync.WaitGroup
