@@ -39,7 +39,7 @@ type conn struct {
 	ctx      context.Context // the requests' context
 	cancel   context.CancelFunc
 	wmu      sync.Mutex // one reply at a time
-	bw       *bufio.Writer
+	bw       *replyWriter
 	scratch  []byte              // reply headers, under wmu
 	waiting  atomic.Int32        // replies waiting for wmu
 	slots    chan struct{}       // one per request in flight
@@ -54,7 +54,7 @@ type conn struct {
 
 func newConn(s *Server, nc net.Conn) *conn {
 	ctx, cancel := context.WithCancel(context.Background())
-	return &conn{s: s, nc: nc, br: bufio.NewReaderSize(nc, 64<<10), bw: bufio.NewWriterSize(nc, 64<<10),
+	return &conn{s: s, nc: nc, br: bufio.NewReaderSize(nc, 64<<10), bw: newReplyWriter(nc),
 		ctx: ctx, cancel: cancel, scratch: make([]byte, 0, 8<<10), slots: make(chan struct{}, maxInFlightPerConn),
 		budget: semaphore.NewWeighted(s.opts.MaxConnBytes), reserve: semaphore.NewWeighted(connReserve), stopping: make(chan struct{}), failed: make(chan struct{})}
 }
