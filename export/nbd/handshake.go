@@ -11,7 +11,6 @@ import (
 	"net"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"golang.org/x/sync/semaphore"
@@ -38,10 +37,10 @@ type conn struct {
 	// Transmission.
 	ctx      context.Context // the requests' context
 	cancel   context.CancelFunc
-	wmu      sync.Mutex // one reply at a time
 	bw       *replyWriter
-	scratch  []byte              // reply headers, under wmu
-	waiting  atomic.Int32        // replies waiting for wmu
+	scratch  []byte              // reply headers, used by the writer only
+	queue    chan pending        // replies and their completions, to the writer
+	written  chan struct{}       // closed when the writer is done
 	slots    chan struct{}       // one per request in flight
 	budget   *semaphore.Weighted // MaxConnBytes
 	reserve  *semaphore.Weighted // connReserve, outside MaxTotalBytes

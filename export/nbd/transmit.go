@@ -51,6 +51,9 @@ func (c *conn) transmit() {
 		hdrLen = wire.ExtendedRequestSize
 	}
 	hdr := make([]byte, hdrLen)
+	c.queue = make(chan pending, 4*maxInFlightPerConn)
+	c.written = make(chan struct{})
+	go c.writeLoop()
 	graceful := false // DISC or shutdown: finish what is in flight
 	for {
 		if _, err := io.ReadFull(c.br, hdr); err != nil {
@@ -87,7 +90,9 @@ func (c *conn) transmit() {
 		go func() {
 			defer c.inflight.Done()
 			c.handle(ctx, req)
-			c.release(req)
+			// After the reply has left: what the request held counts
+			// against the caps until then.
+			c.after(func() { c.release(req) })
 		}()
 	}
 	if !graceful {
@@ -96,9 +101,8 @@ func (c *conn) transmit() {
 		c.cancel()
 	}
 	c.inflight.Wait()
-	c.wmu.Lock()
-	c.bw.Flush()
-	c.wmu.Unlock()
+	close(c.queue)
+	<-c.written
 }
 
 // readRequest validates r, waits for room under the byte caps and reads
@@ -452,7 +456,7 @@ func (c *conn) read(ctx context.Context, req *request) {
 		segs = c.segments(ctx, off, n)
 	}
 	buf := bufpool.Get(int(n))
-	defer bufpool.Put(buf)
+	defer c.after(func() { bufpool.Put(buf) })
 	for _, s := range segs {
 		if s.hole {
 			continue
@@ -582,28 +586,64 @@ func (c *conn) send(head func([]byte) []byte, payload []byte) {
 	})
 }
 
-// sendLocked runs write, which writes one whole reply to c.bw, holding
-// the connection's write lock, and flushes the buffer unless another
-// reply is waiting to follow (which then flushes). A reply that cannot be
-// sent within WriteTimeout fails the connection.
+// pending is a reply for the writer: write writes it to c.bw (nil: none),
+// then done runs (nil: nothing), in the order they were queued.
+type pending struct {
+	write func() error
+	done  func()
+}
+
+// sendLocked queues write, which writes one whole reply to c.bw, for the
+// connection's writer, and returns at once: what the reply's closure
+// uses must stay valid until a later after's function runs.
 func (c *conn) sendLocked(write func() error) {
-	c.waiting.Add(1)
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	c.waiting.Add(-1)
-	select {
-	case <-c.failed:
-		return
-	default:
+	c.queue <- pending{write: write}
+}
+
+// after runs fn on the writer once every reply queued before has been
+// written (or dropped on a failed connection).
+func (c *conn) after(fn func()) {
+	c.queue <- pending{done: fn}
+}
+
+// writeLoop is the connection's writer: it writes the queued replies in
+// order, flushing whenever no more are queued, so that replies that
+// finish together leave in one system call, and no request waits for
+// another's reply to be sent. A reply that cannot be sent within
+// WriteTimeout fails the connection; the replies after it are dropped,
+// their completions still run. It ends when the queue is closed.
+func (c *conn) writeLoop() {
+	defer close(c.written)
+	ok := true     // the connection can still be written to
+	dirty := false // c.bw holds unflushed replies
+	check := func(err error) {
+		if err != nil {
+			c.logf("sending a reply: %v", err)
+			c.fail()
+			ok = false
+		}
 	}
-	c.nc.SetWriteDeadline(time.Now().Add(c.s.opts.WriteTimeout))
-	err := write()
-	if err == nil && c.waiting.Load() == 0 {
-		err = c.bw.Flush()
+	for p := range c.queue {
+		if p.write != nil && ok {
+			select {
+			case <-c.failed: // a forced shutdown
+				ok = false
+			default:
+				c.nc.SetWriteDeadline(time.Now().Add(c.s.opts.WriteTimeout))
+				check(p.write())
+				dirty = true
+			}
+		}
+		if p.done != nil {
+			p.done()
+		}
+		if dirty && ok && len(c.queue) == 0 {
+			check(c.bw.Flush())
+			dirty = false
+		}
 	}
-	if err != nil {
-		c.logf("sending a reply: %v", err)
-		c.fail()
+	if dirty && ok {
+		check(c.bw.Flush())
 	}
 }
 
