@@ -54,6 +54,10 @@ func (c *conn) transmit() {
 	c.queue = make(chan pending, 4*maxInFlightPerConn)
 	c.written = make(chan struct{})
 	go c.writeLoop()
+	// Requests run on workers that stay for the connection, so that their
+	// stacks, grown once, are not grown again for every request; there are
+	// never more than the requests in flight at once.
+	work := make(chan *request)
 	graceful := false // DISC or shutdown: finish what is in flight
 	for {
 		if _, err := io.ReadFull(c.br, hdr); err != nil {
@@ -87,13 +91,11 @@ func (c *conn) transmit() {
 			continue // answered already
 		}
 		c.inflight.Add(1)
-		go func() {
-			defer c.inflight.Done()
-			c.handle(ctx, req)
-			// After the reply has left: what the request held counts
-			// against the caps until then.
-			c.after(func() { c.release(req) })
-		}()
+		select {
+		case work <- req: // an idle worker takes it
+		default:
+			go c.worker(ctx, req, work)
+		}
 	}
 	if !graceful {
 		// The client is gone or broke the protocol: long work in
@@ -101,8 +103,25 @@ func (c *conn) transmit() {
 		c.cancel()
 	}
 	c.inflight.Wait()
+	close(work)
 	close(c.queue)
 	<-c.written
+}
+
+// worker serves req, then the requests it receives from work until work
+// is closed.
+func (c *conn) worker(ctx context.Context, req *request, work <-chan *request) {
+	for ok := true; ok; req, ok = <-work {
+		c.serveRequest(ctx, req)
+	}
+}
+
+// serveRequest serves req and releases what it holds once its reply has
+// left: until then it counts against the caps.
+func (c *conn) serveRequest(ctx context.Context, req *request) {
+	defer c.inflight.Done()
+	c.handle(ctx, req)
+	c.after(func() { c.release(req) })
 }
 
 // readRequest validates r, waits for room under the byte caps and reads
