@@ -23,8 +23,10 @@
 // # Concurrency
 //
 // A Server is safe for concurrent use. Each connection has one goroutine
-// reading requests and one per request in flight; replies are sent as
-// requests complete, out of order. Shutdown stops accepting, answers the
+// reading requests, workers serving them (as many as the requests in
+// flight at once, kept for the connection) and one goroutine writing the
+// replies as requests complete, out of order, batched into one system
+// call when several complete together. Shutdown stops accepting, answers the
 // requests in flight and closes the connections; closing the images is
 // the caller's.
 //

@@ -63,7 +63,7 @@ type Options struct {
 }
 
 // maxInFlightPerConn bounds the requests in flight on one connection,
-// whatever their size: each costs a goroutine.
+// whatever their size: each may cost a worker goroutine.
 const maxInFlightPerConn = 512
 
 // minRequestCost is what a request without payload counts against the

@@ -42,8 +42,8 @@ var allowedFlags = map[uint16]uint16{
 var errDisconnect = errors.New("nbd: hard disconnect")
 
 // transmit serves requests until the client disconnects, the connection
-// fails or the server stops. Each request runs in its own goroutine and
-// is answered when done, so replies leave out of order.
+// fails or the server stops. Each request runs on a worker and is
+// answered when done, so replies leave out of order.
 func (c *conn) transmit() {
 	ctx := c.ctx // cancelled by fail, by a forced shutdown and below
 	hdrLen := wire.RequestSize
